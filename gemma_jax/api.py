@@ -1,0 +1,190 @@
+"""The public API: `load(path) -> Gemma`, with `.logits()` and `.generate()`.
+
+Other tools (inference jobs, evaluation, fine-tuning) call this; keep signatures stable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.generate import bucket, generate
+from gemma_jax.model import Transformer
+from gemma_jax.sampling import Sampler
+from gemma_jax.tokenizer import Tokenizer
+
+Message = dict[str, str]
+# A prompt is text, a token-id list, or (with chat=True) a user message or a whole conversation.
+Prompt = str | Sequence[int] | Sequence[Message]
+
+
+def default_compute_dtype(param_dtype: Any) -> Any:
+    """float32 on CPU (XLA's bf16 CPU matmuls are ~10x slower than f32), else the parameter dtype."""
+    return jnp.float32 if jax.default_backend() == "cpu" else param_dtype
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str | None  # None for token-id prompts
+    tokens: list[int]  # new token ids (stop token excluded)
+    finish_reason: str  # "stop" (eos, <end_of_turn> or a stop string) or "length"
+    prompt_tokens: int
+
+
+class Gemma:
+    """A loaded model: config, parameters (a plain pytree) and, when the checkpoint has one, a tokenizer."""
+
+    def __init__(self, config: GemmaConfig, params: Any, tokenizer: Tokenizer | None = None, *, compute_dtype: Any = None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(jax.tree.leaves(params)[0].dtype))
+
+    def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """float32 logits [B T V] for a batch of token-id sequences (ragged rows are right-padded; pad logits are 0)."""
+        rows = [list(map(int, r)) for r in token_ids]
+        if not rows or min(map(len, rows)) == 0:
+            raise ValueError("token_ids must be a non-empty batch of non-empty sequences")
+        self._check_ids(rows)
+        longest = max(map(len, rows))
+        if longest > self.config.max_position:
+            raise ValueError(f"sequence of {longest} tokens is longer than the context of {self.config.max_position}")
+        tokens = np.zeros((len(rows), bucket(longest, 8)), np.int32)
+        segments = np.zeros_like(tokens)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)], segments[i, : len(r)] = r, 1
+        out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype)
+        return np.asarray(out)[:, :longest] * segments[:, :longest, None]
+
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
+        """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
+
+        Options are those of `complete`.
+        """
+        done = self.complete(prompts, max_new_tokens=max_new_tokens, **options)
+        return [c.tokens if c.text is None else c.text for c in done]
+
+    def complete(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        chat: bool = False,
+        stop: Sequence[str] = (),
+        stream: Callable[[int, str], None] | None = None,
+    ) -> list[Completion]:
+        """Generate for each prompt and report text, new token ids, and why it finished.
+
+        Generation ends at eos, `<end_of_turn>`, a `stop` string (text prompts only) or after
+        `max_new_tokens`. `stream(row, text)` receives text as it is produced (text prompts).
+        `chat=True` wraps each prompt (a user message string or a list of messages) in Gemma's
+        chat template. temperature=0 is greedy decoding.
+        """
+        sampler = Sampler.create(temperature, top_k, top_p)
+        if isinstance(prompts, (str, dict)) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list (wrap a single prompt in a list)")
+        text_mode = chat or isinstance(prompts[0], str)
+        if text_mode and self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer, and this checkpoint has no tokenizer.model")
+        if (stop or stream) and not text_mode:
+            raise ValueError("stop strings and streaming need text prompts")
+        if text_mode:
+            ids = [self._encode_prompt(p, chat) for p in prompts]
+        else:
+            ids = [list(map(int, p)) for p in prompts]
+            self._check_ids(ids)
+        watcher = _TextWatcher(self.tokenizer, len(ids), stop, stream) if (stop or stream) else None
+        result = generate(
+            self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
+            temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self._stop_ids(),
+            dtype=self.compute_dtype, on_tokens=watcher,
+        )  # fmt: skip
+        texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
+        return [Completion(*c, len(p)) for c, p in zip(zip(texts, result.tokens, result.finish_reasons), ids)]
+
+    # ------------------------------------------------------------------------------------
+    def _encode_prompt(self, prompt: Prompt, chat: bool) -> list[int]:
+        if chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            return self.tokenizer.encode_chat(messages)
+        if not isinstance(prompt, str):
+            raise ValueError("mixing text and token-id prompts in one call is not supported")
+        if not prompt:
+            raise ValueError("empty prompt")
+        return self.tokenizer.encode(prompt, add_bos=True)
+
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids = {self.config.eos_id}
+        if self.tokenizer is not None:
+            ids |= {i for i in (self.tokenizer.eos_id, self.tokenizer.end_of_turn_id) if i is not None}
+        return tuple(sorted(ids))
+
+    def _check_ids(self, rows: list[list[int]]) -> None:
+        bad = [t for r in rows for t in r if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+
+
+class _TextWatcher:
+    """Host side of generation: decodes each row's tokens as they arrive, streams text, spots stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, rows: int, stop: Sequence[str], stream: Callable[[int, str], None] | None):
+        self.tokenizer, self.stop, self.stream = tokenizer, list(stop), stream
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.sent = [0] * rows  # characters already streamed per row
+
+    def __call__(self, tokens: np.ndarray, emitted: np.ndarray) -> np.ndarray:
+        stop = np.zeros(len(tokens), bool)
+        for row in np.flatnonzero(emitted):
+            self.ids[row].append(int(tokens[row]))
+            text = self.tokenizer.decode(self.ids[row])
+            cut = _cut_at_stop(text, self.stop)
+            stop[row] = len(cut) < len(text)
+            if text.endswith("\ufffd") and not stop[row]:  # an incomplete UTF-8 byte sequence: wait
+                continue
+            if self.stream is not None and len(cut) > self.sent[row]:
+                self.stream(int(row), cut[self.sent[row] :])
+                self.sent[row] = len(cut)
+        return stop
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
+
+
+def load(path: str | os.PathLike, *, dtype: Any = "bfloat16", mesh: Any = None, compute_dtype: Any = None) -> Gemma:
+    """Load a checkpoint: a Hugging Face directory (config.json + safetensors [+ tokenizer.model]) or "tiny".
+
+    `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: float32 on
+    CPU, else `dtype`). "tiny" is the embedded demo checkpoint, created on first use.
+    """
+    from gemma_jax.checkpoint.hf import load_hf
+    from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
+
+    if mesh is not None:
+        raise NotImplementedError("loading onto a device mesh is not implemented yet (sharding work, issue 4)")
+    path = tiny_checkpoint() if str(path) == TINY_NAME else Path(path)
+    config, params = load_hf(path, dtype=jnp.dtype(dtype))
+    tokenizer_file = Path(path) / "tokenizer.model"
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
+    params = jax.tree.map(jnp.asarray, params)
+    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype)

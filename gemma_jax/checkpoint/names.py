@@ -1,0 +1,95 @@
+"""The one table mapping Hugging Face Gemma tensor names and layouts to our parameter pytree.
+
+Loading and saving both read `_TABLE`, so the two directions cannot drift apart: each row
+gives the HF name, our path, both shapes (as dimension letters) and whether HF stores the
+tensor as a torch ``Linear`` weight (``[out, in]``, i.e. transposed relative to our
+``x @ w`` layout). Converting is then always "transpose if Linear, then reshape", and the
+inverse is "reshape to the transposed HF shape, then transpose".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from gemma_jax.config import GemmaConfig
+
+ParamPath = tuple[str, ...]
+
+# Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim; "NH" = N*H.
+# `post_norms`: row exists only when config.use_post_norms is this value (None: always).
+# Gemma 1 has no post-norms, and HF calls its pre-MLP norm `post_attention_layernorm`;
+# in Gemma 2 that same HF name is the norm *after* attention.
+# fmt: off
+_TABLE: tuple[tuple[str, str, str, str, bool, bool | None], ...] = (
+    # HF name template                                      our path template                 HF      ours     Linear post_norms
+    ("model.embed_tokens.weight",                           "embedder/embedding",              "V D",  "V D",   False,  None),
+    ("model.layers.{i}.input_layernorm.weight",             "layer_{i}/pre_attn_norm/scale",   "D",    "D",     False,  None),
+    ("model.layers.{i}.self_attn.q_proj.weight",            "layer_{i}/attn/q/w",              "NH D", "D N H", True,   None),
+    ("model.layers.{i}.self_attn.k_proj.weight",            "layer_{i}/attn/k/w",              "KH D", "D K H", True,   None),
+    ("model.layers.{i}.self_attn.v_proj.weight",            "layer_{i}/attn/v/w",              "KH D", "D K H", True,   None),
+    ("model.layers.{i}.self_attn.o_proj.weight",            "layer_{i}/attn/o/w",              "D NH", "N H D", True,   None),
+    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/post_attn_norm/scale",  "D",    "D",     False,  True),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight",   "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  True),
+    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  False),
+    ("model.layers.{i}.mlp.gate_proj.weight",               "layer_{i}/mlp/gate/w",            "F D",  "D F",   True,   None),
+    ("model.layers.{i}.mlp.up_proj.weight",                 "layer_{i}/mlp/up/w",              "F D",  "D F",   True,   None),
+    ("model.layers.{i}.mlp.down_proj.weight",               "layer_{i}/mlp/down/w",            "D F",  "F D",   True,   None),
+    ("model.layers.{i}.post_feedforward_layernorm.weight",  "layer_{i}/post_ffw_norm/scale",   "D",    "D",     False,  True),
+    ("model.norm.weight",                                   "final_norm/scale",                "D",    "D",     False,  None),
+)
+# fmt: on
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One table row resolved for a config (and layer): names, shapes and the layout conversion."""
+
+    hf_name: str
+    path: ParamPath
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    linear: bool
+
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        """HF layout -> ours, C-contiguous so later device transfers and saves see plain memory."""
+        return np.ascontiguousarray(x.T.reshape(self.shape) if self.linear else x.reshape(self.shape))
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """Ours -> HF layout, C-contiguous: safetensors writes raw memory and ignores strides."""
+        return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T if self.linear else x.reshape(self.hf_shape))
+
+
+def _shape(spec: str, dims: dict[str, int]) -> tuple[int, ...]:
+    """"NH D" -> (N*H, D): a word of letters is the product of those dimensions."""
+    return tuple(math.prod(dims[c] for c in word) for word in spec.split())
+
+
+def tensor_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
+    """Every tensor a checkpoint for `config` holds, keyed by HF name, in HF's layer order."""
+    dims = dict(V=config.vocab_size, D=config.embed_dim, F=config.mlp_dim,
+                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim)
+
+    specs = [
+        TensorSpec(hf.format(i=i), tuple(ours.format(i=i).split("/")), _shape(hf_shape, dims), _shape(shape, dims), linear)
+        for hf, ours, hf_shape, shape, linear, post_norms in _TABLE
+        if post_norms in (None, config.use_post_norms)
+        for i in (range(config.num_layers) if "{i}" in hf else [None])
+    ]
+    # HF's order (embedding, layer by layer, final norm) so that shards hold whole layers;
+    # the sort is stable, keeping table order within a layer.
+    return {s.hf_name: s for s in sorted(specs, key=lambda s: _position(s.path, config.num_layers))}
+
+
+def _position(path: ParamPath, num_layers: int) -> int:
+    head = path[0]
+    if head.startswith("layer_"):
+        return int(head.removeprefix("layer_"))
+    return -1 if head == "embedder" else num_layers
+
+
+def expected_hf_shapes(config: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for checking a checkpoint is complete and matches `config`."""
+    return {name: s.hf_shape for name, s in tensor_specs(config).items()}

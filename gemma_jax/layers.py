@@ -1,0 +1,79 @@
+"""Building blocks of the Gemma decoder: projections, RMSNorm, rotary embedding, soft-cap.
+
+Every parameter is created with logical axis names (see `sharding/rules.py` for how they map
+onto a device mesh), and every projection in the model goes through `Einsum`, the one place
+a quantized matmul will be swapped in.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+_init_weight = nn.initializers.normal(stddev=0.02)
+
+
+class Einsum(nn.Module):
+    """A weight of `shape` (logical `axes`) contracted with the input by an einsum equation."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, eqn: str, x: Array) -> Array:
+        w = self.param("w", nn.with_logical_partitioning(_init_weight, self.axes), self.shape, self.param_dtype)
+        return jnp.einsum(eqn, x, w.astype(x.dtype))
+
+
+class Embedder(nn.Module):
+    """Token embedding [V D], scaled by sqrt(D) on the way in and tied as the output head."""
+
+    vocab_size: int
+    embed_dim: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (self.vocab_size, self.embed_dim), self.param_dtype)
+
+    def encode(self, tokens: Array, dtype: jnp.dtype) -> Array:
+        """[B T] ids -> [B T D]. sqrt(D) is rounded to the parameter dtype first, as in training."""
+        scale = jnp.asarray(self.embed_dim**0.5, self.param_dtype).astype(dtype)
+        return jnp.take(self.embedding, tokens, axis=0).astype(dtype) * scale
+
+    def decode(self, x: Array) -> Array:
+        """[... D] -> float32 logits [... V]."""
+        return jnp.einsum("...D,VD->...V", x, self.embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + scale), in float32 then cast back (the stored scale is zero-centred)."""
+
+    eps: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), x.shape[-1:], self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, base: float) -> Array:
+    """Rotary embedding, split-half convention. x: [B T N H], positions: [B T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / base ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1])  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)  # B T 1 H/2
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap); identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

@@ -1,0 +1,185 @@
+"""The Gemma decoder (Gemma 1 and Gemma 2 through config flags), as functional Flax modules.
+
+Shapes use named dims: B batch, T query length, S key length, D embed, N query heads,
+K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
+
+Every sequence position carries an explicit position and segment id, so left- or
+right-padded batches and packed documents are all the same code: a key is visible to a
+query when it is valid (position >= 0), not in the future, in the same segment, and — on
+sliding-window layers — fewer than `sliding_window` positions back.
+
+The KV cache stores, per layer, keys, values and the position of each slot (-1 = empty).
+Token p is written to slot p % S, so global layers (S = max length) fill linearly and
+sliding-window layers (S = window) are ring buffers that only ever hold `window` entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
+
+Array = jax.Array
+LayerCache = dict[str, Array]  # {"k": [B S K H], "v": [B S K H], "pos": [B S] int32}
+Cache = dict[str, LayerCache]  # keyed by layer name, "layer_{i}"
+_MASKED = jnp.finfo(jnp.float32).min
+
+ACT = ("act_batch", "act_length", "act_embed")
+CACHE_AXES = {"k": ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"), "pos": ("cache_batch", "cache_length")}
+CACHE_AXES["v"] = CACHE_AXES["k"]
+
+
+def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+    cache = {}
+    for i, kind in enumerate(config.layer_kinds):
+        slots = min(config.sliding_window, max_len) if kind == "local" else max_len
+        kv = jnp.zeros((batch, slots, config.num_kv_heads, config.head_dim), dtype)
+        cache[f"layer_{i}"] = {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+    return cache
+
+
+def init_params(config: GemmaConfig, rng: Array, param_dtype: Any = jnp.float32) -> dict:
+    """Random parameters as a plain pytree (logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = Transformer(config, param_dtype=param_dtype).init(rng, tokens, tokens, tokens + 1)["params"]
+    return nn.meta.unbox(boxed)
+
+
+def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:
+    """[B T S] bool: which keys each query may attend to. Positions < 0 mark invalid keys."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= q - k < window
+    return mask if same_segment is None else mask & same_segment
+
+
+def write_cache(cache: LayerCache, k: Array, v: Array, k_pos: Array) -> LayerCache:
+    """Scatter new keys/values into slot pos % S; invalid tokens and those a ring would overwrite are dropped."""
+    slots = cache["pos"].shape[1]
+    newest = jnp.max(k_pos, axis=1, keepdims=True)  # B 1
+    keep = (k_pos >= 0) & (k_pos > newest - slots)
+    slot = jnp.where(keep, k_pos % slots, slots)  # out of range -> dropped by mode="drop"
+    rows = jnp.arange(k_pos.shape[0])[:, None]
+    put = lambda buf, new: buf.at[rows, slot].set(new.astype(buf.dtype), mode="drop")
+    return {"k": put(cache["k"], k), "v": put(cache["v"], v), "pos": put(cache["pos"], k_pos)}
+
+
+class Attention(nn.Module):
+    config: GemmaConfig
+    kind: str  # "local" (sliding window) or "global"
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None
+    ) -> tuple[Array, LayerCache | None]:
+        cfg = self.config
+        N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, name=name)
+        q = proj("q", (D, N, H), ("embed", "q_heads", "head_dim"))("BTD,DNH->BTNH", x)
+        k = proj("k", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
+        v = proj("v", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
+        q = rope(q, positions, cfg.rope_base) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
+        k = rope(k, positions, cfg.rope_base)
+        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "head_dim"))
+
+        k_pos = jnp.where(segment_ids > 0, positions, -1)
+        if cache is None:  # full sequence: attend within the chunk, per segment
+            keys, values, key_pos = k, v, k_pos
+            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+        elif q.shape[1] == 1:  # decode step: write first, then read only the cache
+            cache = write_cache(cache, k, v, k_pos)
+            keys, values, key_pos, same_segment = cache["k"], cache["v"], cache["pos"], None
+        else:  # chunk after earlier tokens: attend over cache + chunk, then write the chunk
+            keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
+            values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+            key_pos, same_segment = jnp.concatenate([cache["pos"], k_pos], axis=1), None
+            cache = write_cache(cache, k, v, k_pos)
+
+        window = cfg.sliding_window if self.kind == "local" else None
+        mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
+        B, T = q.shape[:2]
+        q = q.reshape(B, T, K, N // K, H)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+        self.sow("intermediates", "max_abs_attn_logit", jnp.max(jnp.abs(logits)))  # pre-cap, for tests
+        logits = soft_cap(logits, cfg.attn_logit_softcap)
+        logits = jnp.where(mask[:, None, None], logits, _MASKED)
+        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype)).reshape(B, T, N, H)
+        return proj("o", (N, H, D), ("q_heads", "head_dim", "embed"))("BTNH,NHD->BTD", out), cache
+
+
+class MLP(nn.Module):
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
+
+    config: GemmaConfig
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        D, F = self.config.embed_dim, self.config.mlp_dim
+        gate = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="gate")("BTD,DF->BTF", x)
+        up = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="up")("BTD,DF->BTF", x)
+        h = nn.with_logical_constraint(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
+        return Einsum((F, D), ("mlp", "embed"), self.param_dtype, name="down")("BTF,FD->BTD", h)
+
+
+class Block(nn.Module):
+    """One decoder layer: attention and MLP, each pre-normed (and post-normed in Gemma 2) with a residual."""
+
+    config: GemmaConfig
+    kind: str
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
+        h, cache = Attention(cfg, self.kind, self.param_dtype, name="attn")(
+            norm("pre_attn_norm")(x), positions, segment_ids, cache
+        )
+        x = x + (norm("post_attn_norm")(h) if cfg.use_post_norms else h)
+        h = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_ffw_norm")(x))
+        x = x + (norm("post_ffw_norm")(h) if cfg.use_post_norms else h)
+        return nn.with_logical_constraint(x, ACT), cache
+
+
+class Transformer(nn.Module):
+    """Gemma decoder. Params are stored in `param_dtype`; activations are computed in `dtype`."""
+
+    config: GemmaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,  # B T int32
+        positions: Array,  # B T int32
+        segment_ids: Array,  # B T int32, 0 = padding
+        cache: Cache | None = None,
+        logits_index: Array | None = None,  # B: compute logits only at this position of each row
+    ) -> tuple[Array, Cache | None]:
+        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
+        cfg = self.config
+        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, name="embedder")
+        x = nn.with_logical_constraint(embedder.encode(tokens, self.dtype), ACT)  # B T D
+        new_cache = {} if cache is not None else None
+        for i, kind in enumerate(cfg.layer_kinds):
+            name = f"layer_{i}"
+            x, layer_cache = Block(cfg, kind, self.param_dtype, name=name)(
+                x, positions, segment_ids, None if cache is None else cache[name]
+            )
+            if cache is not None:
+                new_cache[name] = layer_cache
+        x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
+        return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache

@@ -1,0 +1,53 @@
+"""Next-token choice: greedy, or temperature sampling restricted by top-k and top-p.
+
+The static part of the choice (`Sampler`) is a compile-time key; temperature and top-p are
+traced values, so changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    greedy: bool = True
+    top_k: int | None = None
+    use_top_p: bool = False
+
+    @classmethod
+    def create(cls, temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
+        """Validate user sampling arguments (errors name the argument) and build the static sampler."""
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if temperature == 0:
+            return cls()
+        return cls(greedy=False, top_k=top_k, use_top_p=top_p is not None and top_p < 1)
+
+    def __call__(self, logits: Array, keys: Array, temperature: Array, top_p: Array) -> Array:
+        """logits [B V] float32, keys [B] PRNG keys -> token ids [B] int32."""
+        if self.greedy:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if self.top_k is not None:
+            logits, ids = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))  # sorted, descending
+        elif self.use_top_p:
+            ids = jnp.argsort(-logits, axis=-1)
+            logits = jnp.take_along_axis(logits, ids, axis=-1)
+        else:
+            ids = None
+        logits = logits / temperature
+        if self.use_top_p:  # keep the smallest prefix of sorted candidates whose mass reaches top_p
+            probs = jax.nn.softmax(logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
+        choice = jax.vmap(jax.random.categorical)(keys, logits)
+        return (choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]).astype(jnp.int32)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random `transformers` Gemma models saved as Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+import torch
+import transformers
+
+
+def make_hf_model(model_type: str, *, weight_scale: float = 1.0, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    """A random tiny Gemma 1/2 `transformers` model (eager attention, float32).
+
+    Every weight — norms included — is drawn as N(0, 1) times a per-kind scale, so name and
+    layout mappings are all exercised; `weight_scale` multiplies the projections (large values
+    push attention and final logits past their soft-caps).
+    """
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)  # fmt: skip
+    if model_type == "gemma2":
+        base.update(sliding_window=8, query_pre_attn_scalar=16)
+        config, cls = transformers.Gemma2Config(**{**base, **overrides}), transformers.Gemma2ForCausalLM
+    else:
+        config, cls = transformers.GemmaConfig(**{**base, **overrides}), transformers.GemmaForCausalLM
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.2 if "norm" in name else (1.0 if "embed" in name else 0.25 * weight_scale)
+            p.copy_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: save a tiny random HF model and return (torch model, directory)."""
+
+    def make(model_type: str, **kwargs):
+        model = make_hf_model(model_type, **kwargs)
+        path = tmp_path_factory.mktemp(model_type)
+        model.save_pretrained(path)
+        return model, path
+
+    return make
