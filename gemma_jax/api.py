@@ -62,7 +62,7 @@ class Gemma:
         for i, r in enumerate(rows):
             tokens[i, : len(r)], segments[i, : len(r)] = r, 1
         out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype)
-        return np.asarray(out)[:, :longest] * segments[:, :longest, None]
+        return np.where(segments[:, :longest, None] > 0, np.asarray(out)[:, :longest], np.float32(0))
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.

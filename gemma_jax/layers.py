@@ -63,10 +63,10 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, base: float) -> Array:
-    """Rotary embedding, split-half convention. x: [B T N H], positions: [B T]."""
+def rope(x: Array, positions: Array, base: float, scale: float = 1.0) -> Array:
+    """Rotary embedding, split-half convention, with linear position scaling. x: [B T N H], positions: [B T]."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / base ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1])  # [H/2]
+    inv_freq = 1.0 / base ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]) / scale  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # B T H/2
     sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)  # B T 1 H/2
     cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)

@@ -1,4 +1,4 @@
-"""The Gemma decoder (Gemma 1 and Gemma 2 through config flags), as functional Flax modules.
+"""The Gemma decoder (Gemma 1, 2 and 3 text through config flags), as functional Flax modules.
 
 Shapes use named dims: B batch, T query length, S key length, D embed, N query heads,
 K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
@@ -86,8 +86,12 @@ class Attention(nn.Module):
         q = proj("q", (D, N, H), ("embed", "q_heads", "head_dim"))("BTD,DNH->BTNH", x)
         k = proj("k", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
         v = proj("v", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
-        q = rope(q, positions, cfg.rope_base) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
-        k = rope(k, positions, cfg.rope_base)
+        if cfg.use_qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+        base, scale = cfg.rope_for(self.kind)
+        q = rope(q, positions, base, scale) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
+        k = rope(k, positions, base, scale)
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         k_pos = jnp.where(segment_ids > 0, positions, -1)
@@ -132,7 +136,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer: attention and MLP, each pre-normed (and post-normed in Gemma 2) with a residual."""
+    """One decoder layer: attention and MLP, each pre-normed (and post-normed in Gemma 2/3) with a residual."""
 
     config: GemmaConfig
     kind: str

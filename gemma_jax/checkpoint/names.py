@@ -19,28 +19,36 @@ from gemma_jax.config import GemmaConfig
 ParamPath = tuple[str, ...]
 
 # Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim; "NH" = N*H.
-# `post_norms`: row exists only when config.use_post_norms is this value (None: always).
+# `when`: the row exists only for configs meeting this condition (see _WHEN; None: always).
 # Gemma 1 has no post-norms, and HF calls its pre-MLP norm `post_attention_layernorm`;
-# in Gemma 2 that same HF name is the norm *after* attention.
+# in Gemma 2/3 that same HF name is the norm *after* attention.
 # fmt: off
-_TABLE: tuple[tuple[str, str, str, str, bool, bool | None], ...] = (
-    # HF name template                                      our path template                 HF      ours     Linear post_norms
+_TABLE: tuple[tuple[str, str, str, str, bool, str | None], ...] = (
+    # HF name template                                      our path template                 HF      ours     Linear when
     ("model.embed_tokens.weight",                           "embedder/embedding",              "V D",  "V D",   False,  None),
     ("model.layers.{i}.input_layernorm.weight",             "layer_{i}/pre_attn_norm/scale",   "D",    "D",     False,  None),
     ("model.layers.{i}.self_attn.q_proj.weight",            "layer_{i}/attn/q/w",              "NH D", "D N H", True,   None),
     ("model.layers.{i}.self_attn.k_proj.weight",            "layer_{i}/attn/k/w",              "KH D", "D K H", True,   None),
     ("model.layers.{i}.self_attn.v_proj.weight",            "layer_{i}/attn/v/w",              "KH D", "D K H", True,   None),
     ("model.layers.{i}.self_attn.o_proj.weight",            "layer_{i}/attn/o/w",              "D NH", "N H D", True,   None),
-    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/post_attn_norm/scale",  "D",    "D",     False,  True),
-    ("model.layers.{i}.pre_feedforward_layernorm.weight",   "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  True),
-    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  False),
+    ("model.layers.{i}.self_attn.q_norm.weight",            "layer_{i}/attn/q_norm/scale",     "H",    "H",     False,  "qk_norm"),
+    ("model.layers.{i}.self_attn.k_norm.weight",            "layer_{i}/attn/k_norm/scale",     "H",    "H",     False,  "qk_norm"),
+    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/post_attn_norm/scale",  "D",    "D",     False,  "post_norms"),
+    ("model.layers.{i}.pre_feedforward_layernorm.weight",   "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  "post_norms"),
+    ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  "no_post_norms"),
     ("model.layers.{i}.mlp.gate_proj.weight",               "layer_{i}/mlp/gate/w",            "F D",  "D F",   True,   None),
     ("model.layers.{i}.mlp.up_proj.weight",                 "layer_{i}/mlp/up/w",              "F D",  "D F",   True,   None),
     ("model.layers.{i}.mlp.down_proj.weight",               "layer_{i}/mlp/down/w",            "D F",  "F D",   True,   None),
-    ("model.layers.{i}.post_feedforward_layernorm.weight",  "layer_{i}/post_ffw_norm/scale",   "D",    "D",     False,  True),
+    ("model.layers.{i}.post_feedforward_layernorm.weight",  "layer_{i}/post_ffw_norm/scale",   "D",    "D",     False,  "post_norms"),
     ("model.norm.weight",                                   "final_norm/scale",                "D",    "D",     False,  None),
 )
 # fmt: on
+_WHEN = {
+    None: lambda c: True,
+    "post_norms": lambda c: c.use_post_norms,
+    "no_post_norms": lambda c: not c.use_post_norms,
+    "qk_norm": lambda c: c.use_qk_norm,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +82,8 @@ def tensor_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
 
     specs = [
         TensorSpec(hf.format(i=i), tuple(ours.format(i=i).split("/")), _shape(hf_shape, dims), _shape(shape, dims), linear)
-        for hf, ours, hf_shape, shape, linear, post_norms in _TABLE
-        if post_norms in (None, config.use_post_norms)
+        for hf, ours, hf_shape, shape, linear, when in _TABLE
+        if _WHEN[when](config)
         for i in (range(config.num_layers) if "{i}" in hf else [None])
     ]
     # HF's order (embedding, layer by layer, final norm) so that shards hold whole layers;
