@@ -11,18 +11,27 @@ import torch
 import transformers
 
 
-def make_hf_model(model_type: str, *, weight_scale: float = 1.0, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-    """A random tiny Gemma 1/2 `transformers` model (eager attention, float32).
+def make_hf_model(
+    model_type: str, *, weight_scale: float = 1.0, post_norm_offset: float = 0.0, seed: int = 0, **overrides
+) -> transformers.PreTrainedModel:
+    """A random tiny Gemma 1/2/3 `transformers` model (eager attention, float32).
 
     Every weight — norms included — is drawn as N(0, 1) times a per-kind scale, so name and
     layout mappings are all exercised; `weight_scale` multiplies the projections (large values
-    push attention and final logits past their soft-caps).
+    push attention and final logits past their soft-caps). A large `post_norm_offset` lets the
+    blocks outweigh the tied embedding, so greedy text does not collapse into one repeated token.
     """
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)  # fmt: skip
     if model_type == "gemma2":
         base.update(sliding_window=8, query_pre_attn_scalar=16)
         config, cls = transformers.Gemma2Config(**{**base, **overrides}), transformers.Gemma2ForCausalLM
+    elif model_type == "gemma3_text":
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}  # fmt: skip
+        base.update(sliding_window=8, query_pre_attn_scalar=16, num_hidden_layers=4, rope_parameters=rope,
+                    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
+        config, cls = transformers.Gemma3TextConfig(**{**base, **overrides}), transformers.Gemma3ForCausalLM
     else:
         config, cls = transformers.GemmaConfig(**{**base, **overrides}), transformers.GemmaForCausalLM
     config._attn_implementation = "eager"
@@ -31,7 +40,7 @@ def make_hf_model(model_type: str, *, weight_scale: float = 1.0, seed: int = 0, 
     with torch.no_grad():
         for name, p in model.named_parameters():
             scale = 0.2 if "norm" in name else (1.0 if "embed" in name else 0.25 * weight_scale)
-            p.copy_(torch.randn_like(p) * scale)
+            p.copy_(torch.randn_like(p) * scale + (post_norm_offset if "post_" in name else 0.0))
     return model
 
 

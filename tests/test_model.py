@@ -1,4 +1,4 @@
-"""Float32 logits of our model against `transformers` (Gemma 1 and 2), and the KV-cache decode path."""
+"""Float32 logits of our model against `transformers` (Gemma 1, 2, 3), and the KV-cache decode path."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ CASES = {
     "gemma2-gqa2-capped": ("gemma2", dict(num_attention_heads=4, num_key_value_heads=2), 3.0),
     "gemma2-mha": ("gemma2", dict(num_attention_heads=2, num_key_value_heads=2, query_pre_attn_scalar=24), 3.0),
     "gemma2-mqa": ("gemma2", dict(num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=4), 1.0),
+    "gemma3-gqa2": ("gemma3_text", dict(num_attention_heads=4, num_key_value_heads=2), 1.0),
     "gemma1-mqa": ("gemma", dict(num_attention_heads=4, num_key_value_heads=1), 1.0),
     "gemma1-mha": ("gemma", dict(num_attention_heads=4, num_key_value_heads=4), 1.0),
 }
