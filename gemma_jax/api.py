@@ -14,12 +14,15 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict
+from jax.sharding import Mesh
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
-from gemma_jax.model import Transformer
+from gemma_jax.model import Transformer, param_axes
 from gemma_jax.sampling import Sampler
 from gemma_jax.tokenizer import Tokenizer
+from sharding import RULE_SETS, Layout, activate, constrain, place, to_host
 
 Message = dict[str, str]
 # A prompt is text, a token-id list, or (with chat=True) a user message or a whole conversation.
@@ -42,10 +45,19 @@ class Completion:
 class Gemma:
     """A loaded model: config, parameters (a plain pytree) and, when the checkpoint has one, a tokenizer."""
 
-    def __init__(self, config: GemmaConfig, params: Any, tokenizer: Tokenizer | None = None, *, compute_dtype: Any = None):
+    def __init__(
+        self,
+        config: GemmaConfig,
+        params: Any,
+        tokenizer: Tokenizer | None = None,
+        *,
+        compute_dtype: Any = None,
+        layout: Layout | None = None,
+    ):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
+        self.layout = layout  # where params live (None: one device); computations follow it
         self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(jax.tree.leaves(params)[0].dtype))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
@@ -57,12 +69,14 @@ class Gemma:
         longest = max(map(len, rows))
         if longest > self.config.max_position:
             raise ValueError(f"sequence of {longest} tokens is longer than the context of {self.config.max_position}")
-        tokens = np.zeros((len(rows), bucket(longest, 8)), np.int32)
+        data = 1 if self.layout is None else self.layout.mesh.shape["data"] * self.layout.mesh.shape["fsdp"]
+        tokens = np.zeros((-(-len(rows) // data) * data, bucket(longest, 8)), np.int32)
         segments = np.zeros_like(tokens)
         for i, r in enumerate(rows):
             tokens[i, : len(r)], segments[i, : len(r)] = r, 1
-        out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype)
-        return np.where(segments[:, :longest, None] > 0, np.asarray(out)[:, :longest], np.float32(0))
+        out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype, layout=self.layout)
+        keep = (slice(len(rows)), slice(longest))
+        return np.where(segments[keep][..., None] > 0, to_host(out)[keep], np.float32(0))
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
@@ -109,7 +123,7 @@ class Gemma:
         result = generate(
             self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
             temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self._stop_ids(),
-            dtype=self.compute_dtype, on_tokens=watcher,
+            dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout,
         )  # fmt: skip
         texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
         return [Completion(*c, len(p)) for c, p in zip(zip(texts, result.tokens, result.finish_reasons), ids)]
@@ -165,26 +179,39 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any):
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "layout"))
+def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any, layout: Layout | None):
+    with activate(layout):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        logits = Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
+        return constrain(logits, (None, None, None))  # replicated, so every host can read it
 
 
-def load(path: str | os.PathLike, *, dtype: Any = "bfloat16", mesh: Any = None, compute_dtype: Any = None) -> Gemma:
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = "bfloat16",
+    mesh: Mesh | None = None,
+    rules: str = "inference",
+    compute_dtype: Any = None,
+) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json + safetensors [+ tokenizer.model]) or "tiny".
 
     `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: float32 on
-    CPU, else `dtype`). "tiny" is the embedded demo checkpoint, created on first use.
+    CPU, else `dtype`). With a `mesh`, each tensor goes straight from disk onto its shards
+    under the named rule set (see `sharding.RULE_SETS`); no device ever holds the whole model.
+    "tiny" is the embedded demo checkpoint, created on first use.
     """
-    from gemma_jax.checkpoint.hf import load_hf
+    from gemma_jax.checkpoint.hf import load_hf, read_hf_config
     from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
-    if mesh is not None:
-        raise NotImplementedError("loading onto a device mesh is not implemented yet (sharding work, issue 4)")
-    path = tiny_checkpoint() if str(path) == TINY_NAME else Path(path)
-    config, params = load_hf(path, dtype=jnp.dtype(dtype))
-    tokenizer_file = Path(path) / "tokenizer.model"
+    path = tiny_checkpoint() if str(path) == TINY_NAME else Path(path).expanduser()
+    layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
+    put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
+    if layout is not None:
+        axes = dict(flatten_dict(param_axes(read_hf_config(path))))
+        put = lambda name, x: place(x, layout.sharding(axes[name], x.shape))
+    config, params = load_hf(path, dtype=jnp.dtype(dtype), put=put)
+    tokenizer_file = path / "tokenizer.model"
     tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
-    params = jax.tree.map(jnp.asarray, params)
-    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype)
+    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout)

@@ -24,6 +24,7 @@ from jax.experimental import io_callback
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import Transformer, init_cache
 from gemma_jax.sampling import Sampler
+from sharding import Layout, activate, constrain, to_host
 
 # (tokens [B] int32, emitted [B] bool) -> rows to stop [B] bool. Called once per generated step.
 TokenCallback = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -56,8 +57,13 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     dtype: Any = jnp.float32,
     on_tokens: TokenCallback | None = None,
+    layout: Layout | None = None,
 ) -> Generation:
-    """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids)."""
+    """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
+
+    With a `layout`, params must already be placed on its mesh; the cache and activations
+    are sharded by its rules, and the batch is padded to a multiple of its data axes.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     longest = max(map(len, prompts))
@@ -70,6 +76,9 @@ def generate(
     max_new = min(max_new_tokens, config.max_position - longest)
 
     batch, length, new = bucket(len(prompts), 1), bucket(longest), bucket(max_new)
+    if layout is not None:  # the batch must split evenly over the data-parallel axes
+        data = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
+        batch = -(-batch // data) * data
     tokens = np.zeros((batch, length), np.int32)
     lengths = np.ones(batch, np.int32)
     for row, prompt in enumerate(prompts):
@@ -88,9 +97,9 @@ def generate(
             params, tokens, lengths, keys, np.int32(max_new), np.float32(temperature), np.float32(top_p),
             stops, done, np.int32(handle),
             config=config, dtype=dtype, sampler=sampler, cache_len=length + new, out_len=new,
-            streaming=on_tokens is not None,
+            streaming=on_tokens is not None, layout=layout,
         )  # fmt: skip
-        out, stopped = np.asarray(out), np.asarray(stopped)
+        out, stopped = to_host(out), to_host(stopped)
     finally:
         _callbacks.pop(handle, None)
     rows = range(len(prompts))
@@ -101,12 +110,21 @@ def _host_callback(handle: np.ndarray, tokens: np.ndarray, emitted: np.ndarray) 
     return np.asarray(_callbacks[int(handle)](tokens, emitted), dtype=bool)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_len", "out_len", "streaming"))
-def _generate(
+_STATIC = ("config", "dtype", "sampler", "cache_len", "out_len", "streaming", "layout")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _generate(*args, layout: Layout | None, **static):
+    """Prefill, then decode until every row stopped or `max_new` tokens. Returns (tokens [B out_len], stopped [B])."""
+    with activate(layout):
+        out, done = _prefill_and_decode(*args, **static)
+        return constrain(out, (None, None)), constrain(done, (None,))  # replicated: every host reads all
+
+
+def _prefill_and_decode(
     params, tokens, lengths, keys, max_new, temperature, top_p, stop_ids, done, handle,
     *, config: GemmaConfig, dtype: Any, sampler: Sampler, cache_len: int, out_len: int, streaming: bool,
 ):  # fmt: skip
-    """Prefill, then decode until every row stopped or `max_new` tokens. Returns (tokens [B out_len], stopped [B])."""
     model = Transformer(config, dtype)
     forward = lambda *args: model.apply({"params": params}, *args)
     batch, length = tokens.shape

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_jax.config import GemmaConfig
+from sharding import constrain
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
 
 Array = jax.Array
@@ -40,15 +41,25 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.f
     for i, kind in enumerate(config.layer_kinds):
         slots = min(config.sliding_window, max_len) if kind == "local" else max_len
         kv = jnp.zeros((batch, slots, config.num_kv_heads, config.head_dim), dtype)
-        cache[f"layer_{i}"] = {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+        layer = {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()}
     return cache
+
+
+def _init_boxed(config: GemmaConfig, rng: Array, param_dtype: Any) -> dict:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config, param_dtype=param_dtype).init(rng, tokens, tokens, tokens + 1)["params"]
 
 
 def init_params(config: GemmaConfig, rng: Array, param_dtype: Any = jnp.float32) -> dict:
     """Random parameters as a plain pytree (logical-axis boxes removed)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = Transformer(config, param_dtype=param_dtype).init(rng, tokens, tokens, tokens + 1)["params"]
-    return nn.meta.unbox(boxed)
+    return nn.meta.unbox(_init_boxed(config, rng, param_dtype))
+
+
+def param_axes(config: GemmaConfig) -> dict:
+    """The params pytree with each leaf replaced by its logical axis names (a tuple)."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.PRNGKey(0), jnp.float32))
+    return jax.tree.map(tuple, nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:
@@ -92,7 +103,7 @@ class Attention(nn.Module):
         base, scale = cfg.rope_for(self.kind)
         q = rope(q, positions, base, scale) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
         k = rope(k, positions, base, scale)
-        q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "head_dim"))
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         k_pos = jnp.where(segment_ids > 0, positions, -1)
         if cache is None:  # full sequence: attend within the chunk, per segment
@@ -131,7 +142,7 @@ class MLP(nn.Module):
         D, F = self.config.embed_dim, self.config.mlp_dim
         gate = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="gate")("BTD,DF->BTF", x)
         up = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="up")("BTD,DF->BTF", x)
-        h = nn.with_logical_constraint(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
+        h = constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
         return Einsum((F, D), ("mlp", "embed"), self.param_dtype, name="down")("BTF,FD->BTD", h)
 
 
@@ -152,7 +163,7 @@ class Block(nn.Module):
         x = x + (norm("post_attn_norm")(h) if cfg.use_post_norms else h)
         h = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_ffw_norm")(x))
         x = x + (norm("post_ffw_norm")(h) if cfg.use_post_norms else h)
-        return nn.with_logical_constraint(x, ACT), cache
+        return constrain(x, ACT), cache
 
 
 class Transformer(nn.Module):
@@ -174,7 +185,7 @@ class Transformer(nn.Module):
         """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
         cfg = self.config
         embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, name="embedder")
-        x = nn.with_logical_constraint(embedder.encode(tokens, self.dtype), ACT)  # B T D
+        x = constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         new_cache = {} if cache is not None else None
         for i, kind in enumerate(cfg.layer_kinds):
             name = f"layer_{i}"

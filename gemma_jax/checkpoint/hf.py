@@ -47,9 +47,7 @@ def load_hf(
     is applied to each converted tensor and its result stored in the tree (default: the array).
     """
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
-    config = _read_config(root / CONFIG_FILE)
+    config = read_hf_config(root)
     specs = tensor_specs(config)
     located = _locate_tensors(root)
     _validate(located, specs, config)
@@ -120,6 +118,14 @@ def save_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def read_hf_config(path: str | os.PathLike[str]) -> GemmaConfig:
+    """The GemmaConfig of a HF checkpoint directory (reads only config.json)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {root} does not exist")
+    return _read_config(root / CONFIG_FILE)
 
 
 # --- loading helpers -------------------------------------------------------------------------
