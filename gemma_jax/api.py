@@ -159,17 +159,21 @@ class _TextWatcher:
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.sent = [0] * rows  # characters already streamed per row
 
-    def __call__(self, tokens: np.ndarray, emitted: np.ndarray) -> np.ndarray:
+    def __call__(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens: [B n] new ids, -1 where a row emitted nothing. Returns rows that hit a stop string."""
         stop = np.zeros(len(tokens), bool)
-        for row in np.flatnonzero(emitted):
-            self.ids[row].append(int(tokens[row]))
+        for row, new in enumerate(tokens):
+            new = new[new >= 0]
+            if not len(new):
+                continue
+            self.ids[row].extend(new.tolist())
             text = self.tokenizer.decode(self.ids[row])
             cut = _cut_at_stop(text, self.stop)
             stop[row] = len(cut) < len(text)
-            if text.endswith("\ufffd") and not stop[row]:  # an incomplete UTF-8 byte sequence: wait
+            if cut.endswith("\ufffd") and not stop[row]:  # an incomplete UTF-8 byte sequence: wait
                 continue
             if self.stream is not None and len(cut) > self.sent[row]:
-                self.stream(int(row), cut[self.sent[row] :])
+                self.stream(row, cut[self.sent[row] :])
                 self.sent[row] = len(cut)
         return stop
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import time
@@ -12,9 +13,11 @@ from gemma_jax.tiny import TINY_NAME
 
 def _generate(args: argparse.Namespace) -> None:
     from gemma_jax.api import load
+    from sharding import make_mesh
 
     start = time.perf_counter()
-    model = load(args.ckpt, dtype=args.dtype)
+    mesh = None if args.mesh is None else make_mesh(args.mesh)
+    model = load(args.ckpt, dtype=args.dtype, mesh=mesh)
     loaded = time.perf_counter()
     first_token_at: list[float] = []
 
@@ -39,6 +42,20 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from gemma_jax.config import GemmaConfig
+    from gemma_jax.plan import format_plan, plan
+    from sharding import parse_mesh_spec
+
+    sizes = {k: int(v) for k, _, v in (part.partition("=") for part in args.mesh.split(",")) if v.lstrip("-").isdigit()}
+    if any(n < 1 for n in sizes.values()):
+        raise ValueError(f"--mesh {args.mesh!r}: give every axis an explicit positive size")
+    sizes = parse_mesh_spec(args.mesh, math.prod(sizes.values()))
+    quant = "w8a16" if args.quant == "int8" else args.quant
+    result = plan(GemmaConfig.from_preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant)
+    print(format_plan(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gemma-jax", description="Gemma models in JAX: generate, convert, fine-tune.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,7 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    gen.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
     gen.set_defaults(run=_generate)
+
+    pl = commands.add_parser("plan", help="per-device memory and roofline speed of a model on a slice, before booking it")
+    pl.add_argument("--model", required=True, help="model preset, e.g. gemma2-27b (configs/models/*.yaml)")
+    pl.add_argument("--mesh", required=True, help="mesh sizes, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2'")
+    pl.add_argument("--chip", required=True, help="v4, v5e, v5p, v6e or h100")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--seq", type=int, default=8192, help="tokens per sequence (prompt + generated)")
+    pl.add_argument("--quant", choices=["int8", "w8a16", "w8a8"], help="int8 = w8a16 (weight-only)")
+    pl.set_defaults(run=_plan)
     return parser
 
 

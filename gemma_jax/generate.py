@@ -1,36 +1,45 @@
-"""Batched autoregressive generation: one compiled program per shape bucket.
+"""Batched autoregressive generation: compiled prefill plus a compiled decode loop.
 
-Prefill and the whole decode loop (`lax.while_loop`) are a single `jax.jit` program keyed on
-(batch bucket, prompt-length bucket, new-token bucket, sampler), so generating never retraces
-per token and prompts of nearby lengths share a compilation. Prompts are right-padded; every
-row keeps its own positions, so a row's tokens do not depend on the rest of the batch.
+Two `jax.jit` programs per shape bucket (batch, prompt length, new tokens, sampler): `_prefill`
+fills the KV cache and samples each row's first token; `_decode` runs a `lax.while_loop` of
+decode steps. Nothing retraces per token. Prompts are right-padded and each row keeps its own
+positions, step counter and PRNG stream, so a row's tokens do not depend on the rest of the
+batch.
 
-Host code can watch tokens as they are produced (streaming, stop strings) through an
-`io_callback` that also returns which rows to stop.
+Without a host callback, one `_decode` call runs to the end. With one (streaming, stop
+strings), `_decode` runs in chunks of `chunk` steps and the host reads the new tokens between
+chunks and may stop rows. This keeps host round-trips out of the compiled loop, which matters
+on sharded meshes and multi-host pods, and is the step a continuous-batching engine reuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer, init_cache
+from gemma_jax.model import Cache, Transformer, init_cache
 from gemma_jax.sampling import Sampler
 from sharding import Layout, activate, constrain, to_host
 
-# (tokens [B] int32, emitted [B] bool) -> rows to stop [B] bool. Called once per generated step.
-TokenCallback = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# New tokens [B, n] (-1 where a row emitted nothing) -> rows to stop [B] bool.
+TokenCallback = Callable[[np.ndarray], np.ndarray]
 _MAX_STOP_IDS = 8
-_callbacks: dict[int, TokenCallback] = {}
-_handles = itertools.count()
+
+
+class DecodeState(NamedTuple):
+    cache: Cache
+    token: jax.Array  # [B] sampled, not yet emitted
+    position: jax.Array  # [B] position of `token`
+    count: jax.Array  # [B] tokens emitted so far
+    done: jax.Array  # [B] finished: stop token, host stop, or length limit
+    stopped: jax.Array  # [B] finished by a stop token or the host (not by length)
+    keys: jax.Array  # [B, 2] per-row PRNG keys
 
 
 @dataclasses.dataclass
@@ -57,12 +66,14 @@ def generate(
     stop_ids: tuple[int, ...] = (),
     dtype: Any = jnp.float32,
     on_tokens: TokenCallback | None = None,
+    chunk: int = 8,
     layout: Layout | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
-    With a `layout`, params must already be placed on its mesh; the cache and activations
-    are sharded by its rules, and the batch is padded to a multiple of its data axes.
+    `on_tokens` sees every `chunk` steps' new tokens and returns rows to stop. With a `layout`,
+    params must already be on its mesh; cache and activations are sharded by its rules and
+    the batch is padded to a multiple of its data-parallel axes.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
@@ -84,80 +95,85 @@ def generate(
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
         lengths[row] = len(prompt)
-    done = np.arange(batch) >= len(prompts)  # bucket padding rows never run
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
     stops = np.full(_MAX_STOP_IDS, -1, np.int32)
     stops[: len(stop_ids)] = stop_ids
+    limits = np.where(np.arange(batch) < len(prompts), max_new, 0).astype(np.int32)  # padding rows: done at once
+    sampling = dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
+    static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout)
 
-    handle = next(_handles)
-    if on_tokens is not None:
-        _callbacks[handle] = lambda tok, emitted: on_tokens(tok[: len(prompts)], emitted[: len(prompts)])
-    try:
-        out, stopped = _generate(
-            params, tokens, lengths, keys, np.int32(max_new), np.float32(temperature), np.float32(top_p),
-            stops, done, np.int32(handle),
-            config=config, dtype=dtype, sampler=sampler, cache_len=length + new, out_len=new,
-            streaming=on_tokens is not None, layout=layout,
-        )  # fmt: skip
-        out, stopped = to_host(out), to_host(stopped)
-    finally:
-        _callbacks.pop(handle, None)
+    state = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
+    outputs, host_stop = [], np.zeros(batch, bool)
+    while True:
+        state, out = _decode(params, state, limits, host_stop, sampling, out_len=new if on_tokens is None else chunk, **static)
+        out = to_host(out)
+        outputs.append(out)
+        if on_tokens is not None:
+            host_stop[: len(prompts)] |= np.asarray(on_tokens(out[: len(prompts)]), bool)
+        if on_tokens is None or np.all(to_host(state.done) | host_stop):
+            break
+    out, stopped = np.concatenate(outputs, axis=1), to_host(state.stopped) | host_stop
     rows = range(len(prompts))
     return Generation([out[r][out[r] >= 0].tolist() for r in rows], ["stop" if stopped[r] else "length" for r in rows])
 
 
-def _host_callback(handle: np.ndarray, tokens: np.ndarray, emitted: np.ndarray) -> np.ndarray:
-    return np.asarray(_callbacks[int(handle)](tokens, emitted), dtype=bool)
+_STATIC = ("config", "dtype", "sampler", "layout")
 
 
-_STATIC = ("config", "dtype", "sampler", "cache_len", "out_len", "streaming", "layout")
+def _sample(sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
+    step_keys = jax.vmap(jax.random.fold_in)(keys, count)  # per-row stream: batch-independent
+    return sampler(logits, step_keys, sampling["temperature"], sampling["top_p"])
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _generate(*args, layout: Layout | None, **static):
-    """Prefill, then decode until every row stopped or `max_new` tokens. Returns (tokens [B out_len], stopped [B])."""
+@functools.partial(jax.jit, static_argnames=_STATIC + ("cache_len",))
+def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, sampler, layout, cache_len) -> DecodeState:
+    """Run the prompts through the model, filling a fresh cache, and sample each row's first token."""
     with activate(layout):
-        out, done = _prefill_and_decode(*args, **static)
-        return constrain(out, (None, None)), constrain(done, (None,))  # replicated: every host reads all
+        batch, length = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        segments = (positions < lengths[:, None]).astype(jnp.int32)
+        cache = init_cache(config, batch, cache_len, dtype)
+        model = Transformer(config, dtype)
+        logits, cache = model.apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
+        count = jnp.zeros(batch, jnp.int32)
+        token = _sample(sampler, logits, keys, count, sampling)
+        return _replicate_flags(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
 
 
-def _prefill_and_decode(
-    params, tokens, lengths, keys, max_new, temperature, top_p, stop_ids, done, handle,
-    *, config: GemmaConfig, dtype: Any, sampler: Sampler, cache_len: int, out_len: int, streaming: bool,
-):  # fmt: skip
+def _replicate_flags(state: DecodeState) -> DecodeState:
+    """done/stopped are read by every host after each call, so keep them replicated."""
+    return state._replace(done=constrain(state.done, (None,)), stopped=constrain(state.stopped, (None,)))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
+def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, dtype, sampler, layout, out_len):
+    """Emit tokens and decode until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
     model = Transformer(config, dtype)
-    forward = lambda *args: model.apply({"params": params}, *args)
-    batch, length = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    segments = (positions < lengths[:, None]).astype(jnp.int32)
-    cache = init_cache(config, batch, cache_len, dtype)
-    logits, cache = forward(tokens, positions, segments, cache, lengths - 1)
 
-    def choose(logits, step):
-        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
-        return sampler(logits, step_keys, temperature, top_p)
+    def emit(state: DecodeState, out, i):
+        is_stop = jnp.isin(state.token, sampling["stop_ids"])
+        emitted = ~state.done & ~is_stop
+        out = out.at[:, i].set(jnp.where(emitted, state.token, -1))
+        count = state.count + emitted
+        stopped = state.stopped | (~state.done & is_stop)
+        return state._replace(count=count, stopped=stopped, done=state.done | is_stop | (count >= limits)), out
 
-    def record(tok, step, done, out):
-        is_stop = jnp.isin(tok, stop_ids)
-        emitted = ~done & ~is_stop
-        out = out.at[:, step].set(jnp.where(emitted, tok, -1))
-        stopped = done | is_stop
-        if streaming:
-            shape = jax.ShapeDtypeStruct(done.shape, jnp.bool_)
-            stopped |= io_callback(_host_callback, shape, handle, tok, emitted, ordered=True)
-        return stopped, out
+    def advance(state: DecodeState) -> DecodeState:
+        ones = jnp.ones_like(state.token)[:, None]
+        logits, cache = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache, jnp.zeros_like(state.token))
+        token = _sample(sampler, logits, state.keys, state.count, sampling)
+        return state._replace(cache=cache, token=token, position=state.position + 1)
 
-    def body(state):
-        step, tok, cache, done, out = state
-        ones = jnp.ones((batch, 1), jnp.int32)
-        logits, cache = forward(tok[:, None], (lengths + step - 1)[:, None], ones, cache, jnp.zeros(batch, jnp.int32))
-        tok = choose(logits, step)
-        done, out = record(tok, step, done, out)
-        return step + 1, tok, cache, done, out
+    def body(carry):
+        i, state, out = carry
+        state, out = emit(state, out, i)
+        state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
+        return i + 1, state, out
 
-    tok = choose(logits, 0)
-    out = jnp.full((batch, out_len), -1, jnp.int32)
-    done, out = record(tok, 0, done, out)
-    cond = lambda state: (state[0] < max_new) & ~jnp.all(state[3])
-    _, _, _, done, out = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out))
-    return out, done
+    with activate(layout):
+        stopped = state.stopped | (host_stop & ~state.done)
+        state = state._replace(done=state.done | host_stop, stopped=stopped)
+        out = jnp.full((state.token.shape[0], out_len), -1, jnp.int32)
+        cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
+        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+        return _replicate_flags(state), constrain(out, (None, None))  # replicated: every host reads all

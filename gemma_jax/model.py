@@ -89,7 +89,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None
+        self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None, fresh_cache: bool = False
     ) -> tuple[Array, LayerCache | None]:
         cfg = self.config
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
@@ -106,17 +106,18 @@ class Attention(nn.Module):
         q = constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         k_pos = jnp.where(segment_ids > 0, positions, -1)
-        if cache is None:  # full sequence: attend within the chunk, per segment
-            keys, values, key_pos = k, v, k_pos
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-        elif q.shape[1] == 1:  # decode step: write first, then read only the cache
+        if cache is not None and q.shape[1] == 1:  # decode step: write first, then read only the cache
             cache = write_cache(cache, k, v, k_pos)
             keys, values, key_pos, same_segment = cache["k"], cache["v"], cache["pos"], None
-        else:  # chunk after earlier tokens: attend over cache + chunk, then write the chunk
+        elif cache is not None and not fresh_cache:  # chunk after earlier tokens: cache + chunk
             keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
             values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
             key_pos, same_segment = jnp.concatenate([cache["pos"], k_pos], axis=1), None
             cache = write_cache(cache, k, v, k_pos)
+        else:  # whole sequences (or the first chunk into an empty cache): attend within the chunk
+            keys, values, key_pos = k, v, k_pos
+            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+            cache = None if cache is None else write_cache(cache, k, v, k_pos)
 
         window = cfg.sliding_window if self.kind == "local" else None
         mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
@@ -154,11 +155,11 @@ class Block(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, fresh_cache):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
         h, cache = Attention(cfg, self.kind, self.param_dtype, name="attn")(
-            norm("pre_attn_norm")(x), positions, segment_ids, cache
+            norm("pre_attn_norm")(x), positions, segment_ids, cache, fresh_cache
         )
         x = x + (norm("post_attn_norm")(h) if cfg.use_post_norms else h)
         h = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_ffw_norm")(x))
@@ -181,6 +182,7 @@ class Transformer(nn.Module):
         segment_ids: Array,  # B T int32, 0 = padding
         cache: Cache | None = None,
         logits_index: Array | None = None,  # B: compute logits only at this position of each row
+        fresh_cache: bool = False,  # the cache is empty: skip attending to it (prefill)
     ) -> tuple[Array, Cache | None]:
         """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
         cfg = self.config
@@ -190,7 +192,7 @@ class Transformer(nn.Module):
         for i, kind in enumerate(cfg.layer_kinds):
             name = f"layer_{i}"
             x, layer_cache = Block(cfg, kind, self.param_dtype, name=name)(
-                x, positions, segment_ids, None if cache is None else cache[name]
+                x, positions, segment_ids, None if cache is None else cache[name], fresh_cache
             )
             if cache is not None:
                 new_cache[name] = layer_cache

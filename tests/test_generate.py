@@ -54,11 +54,12 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(gemma2):
 def test_compiled_once_per_shape_bucket(gemma2):
     _, ours = gemma2
     ours.generate([[2, 3, 4]], max_new_tokens=5)
-    before = gen._generate._cache_size()
+    compiled = lambda: (gen._prefill._cache_size(), gen._decode._cache_size())
+    before = compiled()
     ours.generate([[2, 3, 4, 5, 6]], max_new_tokens=9)  # same buckets: prompt <= 16, new <= 16, batch 1
     ours.generate([[2, 8]], max_new_tokens=16, temperature=0.7, top_p=0.8, seed=1)
     ours.generate([[2, 8]], max_new_tokens=16, temperature=1.3, top_p=0.5, seed=2)  # traced values only
-    assert gen._generate._cache_size() == before + 1  # the greedy bucket reused; one sampling program added
+    assert compiled() == (before[0] + 1, before[1] + 1)  # greedy programs reused; one sampling pair added
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(gemma2):

@@ -1,0 +1,226 @@
+"""Capacity planning: does a model fit on a slice, and how fast can it go, before a pod is booked?
+
+Per-device bytes come from the same sources the runtime uses: `param_axes` and `init_cache`
+shapes, placed by `sharding.Layout.spec` (its divisibility fallback included) on an
+`AbstractMesh`, so no devices are needed. Speeds are rooflines from published chip peaks:
+each step takes max(bytes / HBM bandwidth, FLOPs / peak). Collectives, kernel efficiency and
+XLA's own reserved HBM are ignored, so real numbers are lower; use this to rule slices out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict
+from jax.sharding import AbstractMesh
+
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import CACHE_AXES, init_params, param_axes
+from sharding import AXES, RULE_SETS, Layout
+
+GiB = 2**30
+_BATCH_AXES = ("data", "fsdp")  # weights split over these are gathered before use
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm: int  # bytes
+    bandwidth: float  # HBM bytes/s
+    bf16: float  # dense bf16 FLOP/s
+    int8: float  # dense int8 OP/s
+
+
+# Published per-chip peaks (cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e}; NVIDIA H100 SXM
+# datasheet, dense i.e. without 2:4 sparsity). v4 has no faster int8 path.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip(32 * GiB, 1228e9, 275e12, 275e12),
+    "v5e": Chip(16 * GiB, 819e9, 197e12, 394e12),
+    "v5p": Chip(95 * GiB, 2765e9, 459e12, 918e12),
+    "v6e": Chip(32 * GiB, 1640e9, 918e12, 1836e12),
+    "h100": Chip(80 * GiB, 3350e9, 989e12, 1979e12),
+}
+# "w8a16": weight-only (int8 weights dequantised into bf16 matmuls: bf16 peak);
+# "w8a8": int8 weights and activations (int8 peak). Both store per-output-channel f32 scales.
+QUANT = (None, "w8a16", "w8a8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    chip: str
+    mesh: dict[str, int]
+    batch: int
+    seq: int
+    param_dtype: str
+    quant: str | None
+    param_bytes: int  # per device, as stored
+    cache_bytes: int  # per device, KV cache of batch x seq
+    activation_bytes: int  # per device, prefill peak of one layer (see _prefill)
+    hbm_bytes: int
+    prefill_rows_fit: int  # largest batch whose one-shot prefill fits next to params and cache
+    decode_tokens_per_s: float  # whole slice
+    decode_bound: str  # "memory" or "compute"
+    prefill_tokens_per_s: float  # whole slice
+    prefill_bound: str
+    assumptions: tuple[str, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.cache_bytes + self.activation_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.hbm_bytes - self.total_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+
+def _local(layout: Layout, axes: Sequence[str | None], shape: Sequence[int], skip: tuple[str, ...] = ()) -> list[int]:
+    """Per-device shard shape under `layout`; mesh axes in `skip` count as gathered (not split)."""
+    out = []
+    for size, part in zip(shape, layout.spec(tuple(axes), tuple(shape))):
+        parts = () if part is None else (part,) if isinstance(part, str) else part
+        out.append(size // math.prod(layout.mesh.shape[a] for a in parts if a not in skip))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _params(config: GemmaConfig) -> tuple[tuple[tuple[str, ...], tuple, tuple[int, ...]], ...]:
+    """(path, logical axes, shape) of every parameter, traced abstractly (nothing allocated)."""
+    axes = flatten_dict(param_axes(config))
+    shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+    return tuple((path, axes[path], tuple(shapes[path].shape)) for path in sorted(axes))
+
+
+def _param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
+    """(bytes, elements) per device. Quantised projection weights ("w" leaves) take 1 byte plus an
+    f32 scale per output channel (the dims left after contracting embed, or embed itself for o/down);
+    the embedding stays in `dtype` (it is a gather and the tied head, outside `Einsum`)."""
+    total = elements = 0
+    for path, axes, shape in _params(config):
+        n = math.prod(_local(layout, axes, shape, skip))
+        elements += n
+        if quant and path[-1] == "w":
+            out = slice(1, None) if axes[0] == "embed" else slice(-1, None)
+            total += n + 4 * math.prod(_local(layout, axes[out], shape[out], skip))
+        else:
+            total += n * dtype.itemsize
+    return total, elements
+
+
+def _slots(config: GemmaConfig, kind: str, n: int) -> int:
+    """Cache slots (or keys within reach) of a layer at length n: sliding-window layers keep at most a window."""
+    return min(config.sliding_window, n) if kind == "local" else n
+
+
+def _cache_bytes(config: GemmaConfig, layout: Layout, batch: int, seq: int, c: int, context: int | None = None) -> int:
+    """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32); with
+    `context`, only the min(context, slots) slots per layer that a decode step there must read."""
+    kv = math.prod(_local(layout, CACHE_AXES["k"], (batch, 1, config.num_kv_heads, config.head_dim)))
+    pos = math.prod(_local(layout, CACHE_AXES["pos"], (batch, 1)))
+    n = sum(_slots(config, kind, seq if context is None else min(context, seq)) for kind in config.layer_kinds)
+    return n * (2 * kv * c + 4 * pos)
+
+
+def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int) -> tuple[int, float]:
+    """(peak activation bytes, attention FLOPs) per device for a one-shot prefill of T tokens.
+
+    `generate` prefills an empty cache by attending within the prompt: S = T keys on every
+    layer (sliding-window layers mask, not skip, keys outside the window), with f32 logits and
+    c-byte probs [B N T S] materialised densely. Peak = residual + normed input [B T D] plus the larger of
+    attention (q, k, v [B T N|K H] + logits + probs) and MLP (gate, up, gelu*up [B T F]).
+    B, N, K, F are per-device shards under the act_* rules; c = compute dtype bytes.
+    """
+    # One name at a time: heads and mlp all map to `tensor`, which one array could use only once.
+    dims = {"act_batch": batch, "act_heads": config.num_heads, "act_kv_heads": config.num_kv_heads,
+            "act_mlp": config.mlp_dim}  # fmt: skip
+    B, N, K, F = (_local(layout, (name,), (n,))[0] for name, n in dims.items())
+    D, H, S = config.embed_dim, config.head_dim, [T] * config.num_layers
+    attention = B * T * (N + 2 * K) * H * c + B * N * T * max(S) * (4 + c)
+    peak = 2 * B * T * D * c + max(attention, 3 * B * T * F * c)
+    return peak, 4.0 * B * N * H * T * sum(S)  # QK^T and PV: 2 matmuls x 2 FLOPs per MAC
+
+
+def plan(
+    config: GemmaConfig,
+    mesh_sizes: Mapping[str, int],
+    *,
+    chip: str,
+    batch: int,
+    seq: int,
+    param_dtype: str = "bfloat16",
+    quant: str | None = None,
+    rules: str = "inference",
+    decode_context: int | None = None,
+) -> Plan:
+    """Per-device memory and whole-slice roofline speeds for `batch` sequences of `seq` tokens.
+
+    `mesh_sizes` sizes the (data, fsdp, tensor) axes; missing ones are 1. Activations and cache
+    are in `param_dtype` (bf16 when quantised). A decode step reads every weight a device
+    multiplies once, plus the KV cache at `decode_context` (default seq // 2: sequences spread
+    evenly over their lifetime); prefill runs batch x seq tokens in one pass.
+    """
+    name = chip.lower().removeprefix("tpu").strip("-_ ")
+    if name not in CHIPS or quant not in QUANT or set(mesh_sizes) - set(AXES):
+        raise ValueError(f"need chip in {list(CHIPS)}, quant in {QUANT}, mesh axes in {AXES}; "
+                         f"got {chip!r}, {quant!r}, {dict(mesh_sizes)}")
+    hw, sizes = CHIPS[name], {a: int(mesh_sizes.get(a, 1)) for a in AXES}
+    layout = Layout(AbstractMesh(tuple(sizes.values()), AXES), RULE_SETS[rules])
+    pdtype = np.dtype(jnp.dtype(param_dtype))
+    c = np.dtype(jnp.bfloat16) if quant else pdtype  # compute (activation and cache) dtype
+    context = min(seq, seq // 2 if decode_context is None else decode_context)
+    peak = hw.int8 if quant == "w8a8" else hw.bf16
+
+    params, _ = _param_bytes(config, layout, pdtype, quant)
+    read, elements = _param_bytes(config, layout, pdtype, quant, skip=_BATCH_AXES)  # weights as multiplied
+    cache = _cache_bytes(config, layout, batch, seq, c.itemsize)
+    acts, prefill_attn = _prefill(config, layout, batch, seq, c.itemsize)
+    B, N = _local(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
+
+    decode_attn = sum(4.0 * B * N * config.head_dim * _slots(config, k, context) for k in config.layer_kinds)
+    t_mem = (read + _cache_bytes(config, layout, batch, seq, c.itemsize, context)) / hw.bandwidth
+    t_flop = (2.0 * elements * B + decode_attn) / peak
+    p_mem, p_flop = (read + cache) / hw.bandwidth, (2.0 * elements * B * seq + prefill_attn) / peak
+    rows_fit = max(0, (hw.hbm - params - cache) * B // acts) * (batch // B)  # activations are linear in B
+    notes = (
+        "collective (ICI/NVLink) costs, kernel efficiency and XLA's reserved HBM are ignored",
+        f"decode reads KV at avg context {context} (today's dense decode reads all {seq} slots: decode_context={seq})",
+        "prefill attention as implemented: dense f32 logits over the prompt (S = T), windows masked not skipped",
+        f"compute in {c.name} at the {'int8' if quant == 'w8a8' else 'bf16'} peak, {peak / 1e12:.0f} TFLOP/s"
+        + (" (f32 matmuls run slower)" if c.itemsize == 4 else ""),
+    )
+    return Plan(
+        chip=name, mesh=sizes, batch=batch, seq=seq, param_dtype=pdtype.name, quant=quant,
+        param_bytes=params, cache_bytes=cache, activation_bytes=acts, hbm_bytes=hw.hbm, prefill_rows_fit=rows_fit,
+        decode_tokens_per_s=batch / max(t_mem, t_flop), decode_bound="memory" if t_mem >= t_flop else "compute",
+        prefill_tokens_per_s=batch * seq / max(p_mem, p_flop), prefill_bound="memory" if p_mem >= p_flop else "compute",
+        assumptions=notes,
+    )  # fmt: skip
+
+
+def format_plan(p: Plan) -> str:
+    """A readable per-device table: memory in GiB against HBM, fit, roofline speeds, assumptions."""
+    mesh = ",".join(f"{a}={n}" for a, n in p.mesh.items())
+    g = lambda b: f"{b / GiB:9.2f} GiB"
+    lines = [
+        f"chip {p.chip} x{math.prod(p.mesh.values())} ({mesh}), batch {p.batch}, seq {p.seq}, "
+        f"params {p.param_dtype}{' + ' + p.quant if p.quant else ''}",
+        f"  params       {g(p.param_bytes)}  per device",
+        f"  KV cache     {g(p.cache_bytes)}",
+        f"  activations  {g(p.activation_bytes)}  (prefill peak, one layer)",
+        f"  total        {g(p.total_bytes)}  of {p.hbm_bytes / GiB:.0f} GiB HBM",
+        f"  fits         {'yes' if p.fits else 'NO'}: headroom {p.headroom_bytes / GiB:.2f} GiB "
+        f"({p.headroom_bytes / p.hbm_bytes:+.0%}); rows a one-shot prefill fits: {p.prefill_rows_fit}",
+        f"  decode       {p.decode_tokens_per_s:12,.0f} tok/s (slice, {p.decode_bound}-bound roofline)",
+        f"  prefill      {p.prefill_tokens_per_s:12,.0f} tok/s (slice, {p.prefill_bound}-bound roofline)",
+        "assumptions:",
+        *(f"  - {a}" for a in p.assumptions),
+    ]
+    return "\n".join(lines)
