@@ -126,6 +126,8 @@ class Gemma:
             dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout,
         )  # fmt: skip
         texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
+        if watcher is not None:
+            watcher.finish(texts)
         return [Completion(*c, len(p)) for c, p in zip(zip(texts, result.tokens, result.finish_reasons), ids)]
 
     # ------------------------------------------------------------------------------------
@@ -170,12 +172,19 @@ class _TextWatcher:
             text = self.tokenizer.decode(self.ids[row])
             cut = _cut_at_stop(text, self.stop)
             stop[row] = len(cut) < len(text)
-            if cut.endswith("\ufffd") and not stop[row]:  # an incomplete UTF-8 byte sequence: wait
-                continue
-            if self.stream is not None and len(cut) > self.sent[row]:
-                self.stream(row, cut[self.sent[row] :])
-                self.sent[row] = len(cut)
+            pending = len(cut) - len(cut.rstrip("\ufffd"))
+            self._send(row, cut[: len(cut) - pending] if pending < 4 else cut)  # < 4: maybe a partial UTF-8 char
         return stop
+
+    def finish(self, texts: Sequence[str]) -> None:
+        """Stream whatever each row's final text still holds back."""
+        for row, text in enumerate(texts):
+            self._send(row, text)
+
+    def _send(self, row: int, text: str) -> None:
+        if self.stream is not None and len(text) > self.sent[row]:
+            self.stream(row, text[self.sent[row] :])
+            self.sent[row] = len(text)
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:

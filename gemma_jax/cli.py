@@ -12,9 +12,12 @@ from gemma_jax.tiny import TINY_NAME
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from gemma_jax import distributed
     from gemma_jax.api import load
     from sharding import make_mesh
 
+    distributed.initialize(force=args.distributed)
+    leader = distributed.is_leader()
     start = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     model = load(args.ckpt, dtype=args.dtype, mesh=mesh)
@@ -23,8 +26,9 @@ def _generate(args: argparse.Namespace) -> None:
 
     def stream(row: int, text: str) -> None:
         first_token_at.append(time.perf_counter())
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        if leader:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
     [done] = model.complete(
         [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -34,12 +38,13 @@ def _generate(args: argparse.Namespace) -> None:
     first = first_token_at[0] if first_token_at else end
     decode_rate = (len(done.tokens) - 1) / (end - first) if len(done.tokens) > 1 and end > first else 0.0
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        f"\n[{done.prompt_tokens} prompt tokens, {len(done.tokens)} new tokens ({done.finish_reason}); "
-        f"load {loaded - start:.1f}s, first token {first - loaded:.1f}s (incl. compile), "
-        f"decode {decode_rate:.1f} tokens/s; peak RSS {peak_mib:.0f} MiB]",
-        file=sys.stderr,
-    )
+    if leader:
+        print(
+            f"\n[{done.prompt_tokens} prompt tokens, {len(done.tokens)} new tokens ({done.finish_reason}); "
+            f"load {loaded - start:.1f}s, first token {first - loaded:.1f}s (incl. compile), "
+            f"decode {decode_rate:.1f} tokens/s; peak RSS {peak_mib:.0f} MiB]",
+            file=sys.stderr,
+        )
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -72,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
     gen.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
+    gen.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     gen.set_defaults(run=_generate)
 
     pl = commands.add_parser("plan", help="per-device memory and roofline speed of a model on a slice, before booking it")

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 Array = jax.Array
-_init_weight = nn.initializers.normal(stddev=0.02)
 
 
 class Einsum(nn.Module):
@@ -24,7 +23,11 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, eqn: str, x: Array) -> Array:
-        w = self.param("w", nn.with_logical_partitioning(_init_weight, self.axes), self.shape, self.param_dtype)
+        x_dims, w_dims = eqn.split("->")[0].split(",")
+        fan_in = tuple(i for i, d in enumerate(w_dims) if d in x_dims)  # contracted weight axes
+        fan_out = tuple(i for i in range(len(w_dims)) if i not in fan_in)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=fan_in, out_axis=fan_out)
+        w = self.param("w", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
         return jnp.einsum(eqn, x, w.astype(x.dtype))
 
 
@@ -36,7 +39,8 @@ class Embedder(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def setup(self) -> None:
-        init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed"))
+        std_normal_rows = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)  # ~1/sqrt(D)
+        init = nn.with_logical_partitioning(std_normal_rows, ("vocab", "embed"))
         self.embedding = self.param("embedding", init, (self.vocab_size, self.embed_dim), self.param_dtype)
 
     def encode(self, tokens: Array, dtype: jnp.dtype) -> Array:

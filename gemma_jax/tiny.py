@@ -35,7 +35,7 @@ def tiny_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     from gemma_jax.checkpoint.hf import save_hf
 
     root = Path(cache_dir or os.environ.get("GEMMA_JAX_CACHE", Path.home() / ".cache" / "gemma_jax"))
-    target = root / "tiny-gemma2-random"
+    target = root / "tiny-gemma2-random-v2"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,10 @@ def tiny_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
         tokenizer = train_sentencepiece(lines, Path(tmp) / "tokenizer.model", vocab_size=512)
         config = tiny_config(tokenizer.vocab_size)
         params = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(0)))
-        save_hf(target, config, params, tokenizer_model=Path(tmp) / "tokenizer.model")
+        try:
+            save_hf(target, config, params, tokenizer_model=Path(tmp) / "tokenizer.model")
+        except FileExistsError:  # another process (e.g. a multi-process launch) got there first
+            pass
     return target
 
 
