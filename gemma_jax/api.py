@@ -69,14 +69,29 @@ class Gemma:
         longest = max(map(len, rows))
         if longest > self.config.max_position:
             raise ValueError(f"sequence of {longest} tokens is longer than the context of {self.config.max_position}")
-        data = 1 if self.layout is None else self.layout.mesh.shape["data"] * self.layout.mesh.shape["fsdp"]
-        tokens = np.zeros((-(-len(rows) // data) * data, bucket(longest, 8)), np.int32)
+        tokens = np.zeros((self.batch_rows(len(rows)), bucket(longest, 8)), np.int32)
         segments = np.zeros_like(tokens)
         for i, r in enumerate(rows):
             tokens[i, : len(r)], segments[i, : len(r)] = r, 1
         out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype, layout=self.layout)
         keep = (slice(len(rows)), slice(longest))
         return np.where(segments[keep][..., None] > 0, to_host(out)[keep], np.float32(0))
+
+    def token_logprobs(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
+        """log p(token[t+1] | tokens[:t+1]) as float32 [B, T-1], computed on device (no [B T V] transfer).
+
+        Rows must have equal length.
+        """
+        tokens = np.asarray(token_ids, np.int32)
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"token_logprobs needs a [B, T] batch with T >= 2, got shape {tokens.shape}")
+        self._check_ids(tokens.tolist())
+        if tokens.shape[1] > self.config.max_position:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the context of {self.config.max_position}")
+        padded = np.zeros((self.batch_rows(len(tokens)), tokens.shape[1]), np.int32)
+        padded[: len(tokens)] = tokens
+        out = _logprobs(self.params, padded, config=self.config, dtype=self.compute_dtype, layout=self.layout)
+        return to_host(out)[: len(tokens)]
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
@@ -122,7 +137,7 @@ class Gemma:
         watcher = _TextWatcher(self.tokenizer, len(ids), stop, stream) if (stop or stream) else None
         result = generate(
             self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
-            temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self._stop_ids(),
+            temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self.stop_ids(),
             dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout,
         )  # fmt: skip
         texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
@@ -141,7 +156,12 @@ class Gemma:
             raise ValueError("empty prompt")
         return self.tokenizer.encode(prompt, add_bos=True)
 
-    def _stop_ids(self) -> tuple[int, ...]:
+    def batch_rows(self, rows: int) -> int:
+        """Rows to allocate so that the batch splits evenly over the mesh's batch axes."""
+        multiple = 1 if self.layout is None else self.layout.divisor("act_batch")
+        return -(-rows // multiple) * multiple
+
+    def stop_ids(self) -> tuple[int, ...]:
         ids = {self.config.eos_id}
         if self.tokenizer is not None:
             ids |= {i for i in (self.tokenizer.eos_id, self.tokenizer.end_of_turn_id) if i is not None}
@@ -192,12 +212,22 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any) -> jax.Array:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "layout"))
 def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any, layout: Layout | None):
     with activate(layout):
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        logits = Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
-        return constrain(logits, (None, None, None))  # replicated, so every host can read it
+        return constrain(_logits(params, tokens, segments, config, dtype), (None, None, None))  # every host reads it
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "layout"))
+def _logprobs(params, tokens, *, config: GemmaConfig, dtype: Any, layout: Layout | None):
+    with activate(layout):
+        logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), config, dtype)[:, :-1], axis=-1)
+        return constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None))
 
 
 def load(

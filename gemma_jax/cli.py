@@ -7,6 +7,7 @@ import math
 import resource
 import sys
 import time
+from pathlib import Path
 
 from gemma_jax.tiny import TINY_NAME
 
@@ -37,14 +38,85 @@ def _generate(args: argparse.Namespace) -> None:
     end = time.perf_counter()
     first = first_token_at[0] if first_token_at else end
     decode_rate = (len(done.tokens) - 1) / (end - first) if len(done.tokens) > 1 and end > first else 0.0
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if leader:
         print(
             f"\n[{done.prompt_tokens} prompt tokens, {len(done.tokens)} new tokens ({done.finish_reason}); "
             f"load {loaded - start:.1f}s, first token {first - loaded:.1f}s (incl. compile), "
-            f"decode {decode_rate:.1f} tokens/s; peak RSS {peak_mib:.0f} MiB]",
+            f"decode {decode_rate:.1f} tokens/s; peak RSS {_peak_rss_mib():.0f} MiB]",
             file=sys.stderr,
         )
+
+
+def _perplexity(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from gemma_jax import distributed
+    from gemma_jax.api import load
+    from gemma_jax.perplexity import perplexity
+    from sharding import make_mesh
+
+    distributed.initialize(force=args.distributed)
+    text = Path(args.text_file).read_text(encoding="utf-8")
+    start = time.perf_counter()
+    model = load(args.ckpt, dtype=args.dtype, mesh=None if args.mesh is None else make_mesh(args.mesh))
+    bar = tqdm(desc="perplexity", unit="window", disable=not distributed.is_leader())
+
+    def progress(done: int, total: int, running: float) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix(ppl=f"{running:.4f}")
+
+    result = perplexity(model, text, ctx=args.ctx, stride=args.stride, batch=args.batch, progress=progress)
+    bar.close()
+    seconds = time.perf_counter() - start
+    if distributed.is_leader():
+        print(
+            f"PPL = {result.ppl:.4f} +/- {result.error:.5f} over {result.tokens_scored} scored tokens "
+            f"({result.windows} windows of {args.ctx}); {seconds:.1f}s, "
+            f"{result.windows * args.ctx / seconds:.0f} tokens/s, peak RSS {_peak_rss_mib():.0f} MiB"
+        )
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from gemma_jax import distributed
+    from gemma_jax.api import load
+    from gemma_jax.infer import run_job
+    from sharding import make_mesh
+
+    distributed.initialize(force=args.distributed)
+    leader = distributed.is_leader()
+    start = time.perf_counter()
+    model = load(args.ckpt, dtype=args.dtype, mesh=None if args.mesh is None else make_mesh(args.mesh))
+    if model.tokenizer is None:
+        raise ValueError(f"{args.ckpt}: infer needs a checkpoint with a tokenizer")
+    bar = tqdm(desc="infer", unit="prompt", disable=not leader)
+    tokens = [0]
+
+    def on_result(result) -> None:
+        tokens[0] += len(result.tokens)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens[0] / (time.perf_counter() - start):.1f}")
+
+    summary = run_job(
+        model, Path(args.input), Path(args.output), slots=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, strict=args.strict, write=leader,
+        on_start=lambda total: setattr(bar, "total", total), on_result=on_result,
+    )  # fmt: skip
+    bar.close()
+    seconds = time.perf_counter() - start
+    if leader:
+        print(
+            f"{summary.done} prompts done, {summary.skipped} already in {args.output}, {summary.rejected} bad lines; "
+            f"{summary.completion_tokens} new tokens in {seconds:.1f}s ({summary.completion_tokens / seconds:.1f} tokens/s); "
+            f"peak RSS {_peak_rss_mib():.0f} MiB",
+            file=sys.stderr,
+        )
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -79,6 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
     gen.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     gen.set_defaults(run=_generate)
+
+    inf = commands.add_parser("infer", help="batched JSONL generation with continuous batching; restartable")
+    inf.add_argument("--ckpt", default=TINY_NAME)
+    inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
+    inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    inf.add_argument("--batch-size", type=int, default=8, help="decode slots")
+    inf.add_argument("--max-new-tokens", type=int, default=256)
+    inf.add_argument("--temperature", type=float, default=0.0)
+    inf.add_argument("--top-p", type=float)
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
+    inf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    inf.add_argument("--mesh")
+    inf.add_argument("--distributed", action="store_true")
+    inf.set_defaults(run=_infer)
+
+    ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
+    ppl.add_argument("--ckpt", default=TINY_NAME)
+    ppl.add_argument("--text-file", required=True)
+    ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (llama.cpp -c)")
+    ppl.add_argument("--stride", type=int, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
+    ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
+    ppl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    ppl.add_argument("--mesh")
+    ppl.add_argument("--distributed", action="store_true")
+    ppl.set_defaults(run=_perplexity)
 
     pl = commands.add_parser("plan", help="per-device memory and roofline speed of a model on a slice, before booking it")
     pl.add_argument("--model", required=True, help="model preset, e.g. gemma2-27b (configs/models/*.yaml)")

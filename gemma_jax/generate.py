@@ -88,8 +88,7 @@ def generate(
 
     batch, length, new = bucket(len(prompts), 1), bucket(longest), bucket(max_new)
     if layout is not None:  # the batch must split evenly over the data-parallel axes
-        data = layout.mesh.shape["data"] * layout.mesh.shape["fsdp"]
-        batch = -(-batch // data) * data
+        batch = -(-batch // layout.divisor("act_batch")) * layout.divisor("act_batch")
     tokens = np.zeros((batch, length), np.int32)
     lengths = np.ones(batch, np.int32)
     for row, prompt in enumerate(prompts):

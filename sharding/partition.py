@@ -47,6 +47,10 @@ class Layout:
             out.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
         return PartitionSpec(*out)
 
+    def divisor(self, name: str) -> int:
+        """How many ways logical axis `name` can split: pad that dimension to a multiple of it."""
+        return math.prod(self.mesh.shape[a] for a in dict(self.rules).get(name, ()))
+
     def sharding(self, axes: LogicalAxes, shape: Sequence[int]) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(axes, shape))
 

@@ -57,3 +57,16 @@ def hf_checkpoint(tmp_path_factory):
         return model, path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """A random tiny Gemma 2 whose greedy text varies, with a sentencepiece tokenizer: (torch model, dir)."""
+    from gemma_jax.tokenizer import train_sentencepiece
+
+    path = tmp_path_factory.mktemp("text-ckpt")
+    lines = open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read().splitlines()
+    tokenizer = train_sentencepiece(lines, path / "tokenizer.model", vocab_size=512)
+    model = make_hf_model("gemma2", seed=8, weight_scale=1.5, post_norm_offset=10.0, vocab_size=tokenizer.vocab_size)
+    model.save_pretrained(path)
+    return model, path

@@ -1,0 +1,142 @@
+"""Batch inference jobs: JSONL prompts in, JSONL completions out, restartable.
+
+Input lines are `{"id": ..., "prompt": "..."}` or `{"id": ..., "messages": [...]}`; output
+lines `{"id", "completion", "prompt_tokens", "completion_tokens", "finish_reason"}`. Every
+result is appended, flushed and fsynced as its request finishes, before decoding goes on,
+so a killed job loses at most the requests in flight; rerunning the same command
+skips the ids already in the output (a torn last line is cut off first). Bad input lines are
+reported with their line numbers and skipped (or, with `strict`, fail before any generation).
+On multi-host runs every process reads the inputs and runs the engine; only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from gemma_jax.api import Gemma
+from gemma_jax.engine import Engine, Finished, Request
+from gemma_jax.generate import bucket
+from gemma_jax.sampling import Sampler
+
+
+@dataclasses.dataclass
+class JobSummary:
+    done: int  # requests completed by this run
+    skipped: int  # ids already in the output
+    rejected: int  # bad input lines
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def read_requests(
+    model: Gemma, path: Path, *, max_new_tokens: int, strict: bool, report: Callable[[str], None]
+) -> tuple[list[Request], int]:
+    """Parse and validate the input file: (requests, bad lines); each bad line is reported as `path:line: reason`."""
+    requests, seen, problems = [], set(), []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                request = _parse(model, json.loads(line), seen, max_new_tokens)
+            except (json.JSONDecodeError, ValueError, TypeError) as err:
+                problems.append(f"{path}:{number}: {err}")
+                continue
+            seen.add(request.id)
+            requests.append(request)
+    for problem in problems:
+        report(problem)
+    if problems and strict:
+        raise ValueError(f"{len(problems)} bad input line(s) in {path} (first: {problems[0]}); nothing was generated")
+    return requests, len(problems)
+
+
+def _parse(model: Gemma, record: Any, seen: set[str], max_new_tokens: int) -> Request:
+    if not isinstance(record, dict):
+        raise ValueError("a line must be a JSON object")
+    if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise ValueError('missing or invalid "id" (a string or integer)')
+    rid = str(record["id"])
+    if rid in seen:
+        raise ValueError(f"duplicate id {rid!r}")
+    if "messages" in record:
+        ids = model.tokenizer.encode_chat(record["messages"])
+    elif isinstance(record.get("prompt"), str) and record["prompt"]:
+        ids = model.tokenizer.encode(record["prompt"], add_bos=True)
+    else:
+        raise ValueError('needs a non-empty "prompt" string or a "messages" list')
+    if len(ids) >= model.config.max_position:
+        raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {model.config.max_position}")
+    return Request(rid, ids, min(max_new_tokens, model.config.max_position - len(ids)))
+
+
+def completed_ids(path: Path) -> set[str]:
+    """Ids already in the output file; a torn (unterminated or unparsable) last line is removed."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    ids = set()
+    for line in keep.splitlines():
+        ids.add(str(json.loads(line)["id"]))
+    if len(keep) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    return ids
+
+
+def run_job(
+    model: Gemma,
+    input_path: Path,
+    output_path: Path,
+    *,
+    slots: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    write: bool = True,
+    report: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[Finished], None] | None = None,
+) -> JobSummary:
+    """Generate a completion for every input id not yet in the output file."""
+    requests, rejected = read_requests(model, input_path, max_new_tokens=max_new_tokens, strict=strict, report=report)
+    done_before = completed_ids(output_path)
+    todo = sorted((r for r in requests if r.id not in done_before), key=lambda r: len(r.prompt))  # bucket-friendly
+    summary = JobSummary(0, len(requests) - len(todo), rejected, 0, 0)
+    if on_start is not None:
+        on_start(len(todo))
+    if not todo:
+        return summary
+    max_len = min(model.config.max_position, bucket(max(len(r.prompt) for r in todo)) + bucket(max_new_tokens))
+    engine = Engine(
+        model, slots=slots, max_len=max_len, sampler=Sampler.create(temperature, None, top_p),
+        temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(),
+    )  # fmt: skip
+    with open(output_path, "a", encoding="utf-8") if write else open(os.devnull, "w") as out:
+        for result in _flushing(engine.run(todo), out):
+            text = model.tokenizer.decode(result.tokens)
+            line = dict(id=result.id, completion=text, prompt_tokens=result.prompt_tokens,
+                        completion_tokens=len(result.tokens), finish_reason=result.finish_reason)  # fmt: skip
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            summary.done += 1
+            summary.prompt_tokens += result.prompt_tokens
+            summary.completion_tokens += len(result.tokens)
+            if on_result is not None:
+                on_result(result)
+    return summary
+
+
+def _flushing(results: Iterator[Finished], out) -> Iterator[Finished]:
+    """Pass results through, making what was written durable before the engine decodes on."""
+    for result in results:
+        yield result
+        out.flush()
+        os.fsync(out.fileno())
