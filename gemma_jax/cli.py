@@ -9,7 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+from gemma_jax.checkpoint.resolve import GEMMA3_270M
 from gemma_jax.tiny import TINY_NAME
+
+CKPT_HELP = f"HF directory, .gguf file, '{GEMMA3_270M}' (real model, from the gemma3 extra) or '{TINY_NAME}' (random demo)"
+DTYPES = ["auto", "bfloat16", "float32"]
+DTYPE_HELP = "parameter dtype; auto = float32 on CPU (XLA's bf16 CPU matmuls are slow), else bfloat16"
+
+
+def _dtype(name: str) -> str:
+    import jax
+
+    return ("float32" if jax.default_backend() == "cpu" else "bfloat16") if name == "auto" else name
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -21,7 +32,7 @@ def _generate(args: argparse.Namespace) -> None:
     leader = distributed.is_leader()
     start = time.perf_counter()
     mesh = None if args.mesh is None else make_mesh(args.mesh)
-    model = load(args.ckpt, dtype=args.dtype, mesh=mesh)
+    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=mesh)
     loaded = time.perf_counter()
     first_token_at: list[float] = []
 
@@ -58,7 +69,7 @@ def _perplexity(args: argparse.Namespace) -> None:
     distributed.initialize(force=args.distributed)
     text = Path(args.text_file).read_text(encoding="utf-8")
     start = time.perf_counter()
-    model = load(args.ckpt, dtype=args.dtype, mesh=None if args.mesh is None else make_mesh(args.mesh))
+    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=None if args.mesh is None else make_mesh(args.mesh))
     bar = tqdm(desc="perplexity", unit="window", disable=not distributed.is_leader())
 
     def progress(done: int, total: int, running: float) -> None:
@@ -88,7 +99,7 @@ def _infer(args: argparse.Namespace) -> None:
     distributed.initialize(force=args.distributed)
     leader = distributed.is_leader()
     start = time.perf_counter()
-    model = load(args.ckpt, dtype=args.dtype, mesh=None if args.mesh is None else make_mesh(args.mesh))
+    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=None if args.mesh is None else make_mesh(args.mesh))
     if model.tokenizer is None:
         raise ValueError(f"{args.ckpt}: infer needs a checkpoint with a tokenizer")
     bar = tqdm(desc="infer", unit="prompt", disable=not leader)
@@ -138,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
-    gen.add_argument("--ckpt", default=TINY_NAME, help=f"checkpoint directory, or '{TINY_NAME}' (random demo model)")
+    gen.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -147,13 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    gen.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     gen.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
     gen.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     gen.set_defaults(run=_generate)
 
     inf = commands.add_parser("infer", help="batched JSONL generation with continuous batching; restartable")
-    inf.add_argument("--ckpt", default=TINY_NAME)
+    inf.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
     inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     inf.add_argument("--batch-size", type=int, default=8, help="decode slots")
@@ -162,18 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--top-p", type=float)
     inf.add_argument("--seed", type=int, default=0)
     inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
-    inf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    inf.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     inf.add_argument("--mesh")
     inf.add_argument("--distributed", action="store_true")
     inf.set_defaults(run=_infer)
 
     ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
-    ppl.add_argument("--ckpt", default=TINY_NAME)
+    ppl.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
     ppl.add_argument("--text-file", required=True)
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (llama.cpp -c)")
     ppl.add_argument("--stride", type=int, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
     ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
-    ppl.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="parameter dtype")
+    ppl.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
     ppl.add_argument("--mesh")
     ppl.add_argument("--distributed", action="store_true")
     ppl.set_defaults(run=_perplexity)

@@ -15,11 +15,13 @@ sliding-window layers (S = window) are ring buffers that only ever hold `window`
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.traverse_util import flatten_dict
 
 from gemma_jax.config import GemmaConfig
 from sharding import constrain
@@ -46,20 +48,40 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.f
     return cache
 
 
-def _init_boxed(config: GemmaConfig, rng: Array, param_dtype: Any) -> dict:
+def _init_boxed(config: GemmaConfig, rng: Array, param_dtype: Any, quant: str | None = None) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Transformer(config, param_dtype=param_dtype).init(rng, tokens, tokens, tokens + 1)["params"]
+    return Transformer(config, param_dtype=param_dtype, quant=quant).init(rng, tokens, tokens, tokens + 1)["params"]
 
 
-def init_params(config: GemmaConfig, rng: Array, param_dtype: Any = jnp.float32) -> dict:
-    """Random parameters as a plain pytree (logical-axis boxes removed)."""
-    return nn.meta.unbox(_init_boxed(config, rng, param_dtype))
+def init_params(config: GemmaConfig, rng: Array, param_dtype: Any = jnp.float32, quant: str | None = None) -> dict:
+    """Random parameters as a plain pytree (logical-axis boxes removed); with `quant`, int8 placeholders."""
+    return nn.meta.unbox(_init_boxed(config, rng, param_dtype, quant))
 
 
-def param_axes(config: GemmaConfig) -> dict:
-    """The params pytree with each leaf replaced by its logical axis names (a tuple)."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.PRNGKey(0), jnp.float32))
+def param_axes(config: GemmaConfig, quant: str | None = None) -> dict:
+    """The params pytree (int8 + scales with `quant`) with each leaf replaced by its logical axis names (a tuple)."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.PRNGKey(0), jnp.float32, quant))
     return jax.tree.map(tuple, nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+@functools.cache
+def _axes_by_path() -> dict[tuple[str, ...], tuple[str, ...]]:
+    every_kind = GemmaConfig(
+        model_type="gemma3_text", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+        mlp_dim=8, query_pre_attn_scalar=8, use_post_norms=True, use_qk_norm=True,
+    )  # fmt: skip
+    return flatten_dict(param_axes(every_kind))
+
+
+def logical_axes(path: tuple[str, ...]) -> tuple[str, ...]:
+    """Logical axis names of the parameter at `path` (e.g. ("layer_7", "attn", "q", "w")), for any config.
+
+    Lets loaders place each tensor on its shards as it is read, before a config is at hand.
+    """
+    key = tuple("layer_0" if part.startswith("layer_") else part for part in path)
+    if key not in _axes_by_path():
+        raise KeyError(f"no parameter {'/'.join(path)} in the Gemma model")
+    return _axes_by_path()[key]
 
 
 def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:
@@ -86,6 +108,7 @@ class Attention(nn.Module):
     config: GemmaConfig
     kind: str  # "local" (sliding window) or "global"
     param_dtype: Any = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(
@@ -93,7 +116,7 @@ class Attention(nn.Module):
     ) -> tuple[Array, LayerCache | None]:
         cfg = self.config
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, name=name)
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, name=name)
         q = proj("q", (D, N, H), ("embed", "q_heads", "head_dim"))("BTD,DNH->BTNH", x)
         k = proj("k", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
         v = proj("v", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
@@ -137,14 +160,15 @@ class MLP(nn.Module):
 
     config: GemmaConfig
     param_dtype: Any = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         D, F = self.config.embed_dim, self.config.mlp_dim
-        gate = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="gate")("BTD,DF->BTF", x)
-        up = Einsum((D, F), ("embed", "mlp"), self.param_dtype, name="up")("BTD,DF->BTF", x)
+        gate = Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="gate")("BTD,DF->BTF", x)
+        up = Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="up")("BTD,DF->BTF", x)
         h = constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
-        return Einsum((F, D), ("mlp", "embed"), self.param_dtype, name="down")("BTF,FD->BTD", h)
+        return Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="down")("BTF,FD->BTD", h)
 
 
 class Block(nn.Module):
@@ -153,26 +177,53 @@ class Block(nn.Module):
     config: GemmaConfig
     kind: str
     param_dtype: Any = jnp.float32
+    quant: str | None = None
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, fresh_cache):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
-        h, cache = Attention(cfg, self.kind, self.param_dtype, name="attn")(
+        h, cache = Attention(cfg, self.kind, self.param_dtype, self.quant, name="attn")(
             norm("pre_attn_norm")(x), positions, segment_ids, cache, fresh_cache
         )
         x = x + (norm("post_attn_norm")(h) if cfg.use_post_norms else h)
-        h = MLP(cfg, self.param_dtype, name="mlp")(norm("pre_ffw_norm")(x))
+        h = MLP(cfg, self.param_dtype, self.quant, name="mlp")(norm("pre_ffw_norm")(x))
         x = x + (norm("post_ffw_norm")(h) if cfg.use_post_norms else h)
         return constrain(x, ACT), cache
 
 
+
+# Rematerialisation trades compute for activation memory in training: "none" keeps every
+# activation for the backward pass; "block" keeps only each layer's input and recomputes the
+# layer; "dots" also keeps the projections' outputs (matmuls without batch dims) and recomputes
+# attention and the elementwise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.cache
+def _block_class(remat: str) -> type[Block]:
+    """Block, wrapped in `nn.remat` unless `remat` is "none" (`fresh_cache`, argument 5, is static)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return Block if remat == "none" else nn.remat(Block, static_argnums=(5,), policy=REMAT_POLICIES[remat])
+
+
 class Transformer(nn.Module):
-    """Gemma decoder. Params are stored in `param_dtype`; activations are computed in `dtype`."""
+    """Gemma decoder. Params are stored in `param_dtype`; activations are computed in `dtype`.
+
+    `quant` ("w8a8" / "w8a16"): init creates int8 weights; apply with int8 params (see
+    `gemma_jax.quant`) quantizes activations too for "w8a8" (int8 params run W8A16 otherwise).
+    """
 
     config: GemmaConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    quant: str | None = None
+    remat: str = "none"  # training: which activations the backward pass recomputes (see REMAT_POLICIES)
 
     @nn.compact
     def __call__(
@@ -186,12 +237,12 @@ class Transformer(nn.Module):
     ) -> tuple[Array, Cache | None]:
         """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
         cfg = self.config
-        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, name="embedder")
+        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, name="embedder")
         x = constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         new_cache = {} if cache is not None else None
         for i, kind in enumerate(cfg.layer_kinds):
             name = f"layer_{i}"
-            x, layer_cache = Block(cfg, kind, self.param_dtype, name=name)(
+            x, layer_cache = _block_class(self.remat)(cfg, kind, self.param_dtype, self.quant, name=name)(
                 x, positions, segment_ids, None if cache is None else cache[name], fresh_cache
             )
             if cache is not None:

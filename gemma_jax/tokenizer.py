@@ -67,6 +67,11 @@ class Tokenizer:
         return i if self._sp.id_to_piece(i) == piece else None
 
     @property
+    def model_proto(self) -> bytes:
+        """The serialized sentencepiece ModelProto (what tokenizer.model holds)."""
+        return self._sp.serialized_model_proto()
+
+    @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 

@@ -1,0 +1,405 @@
+"""Read and write GGUF (llama.cpp) Gemma 1/2/3 checkpoints as (config, params, tokenizer).
+
+A GGUF file holds the weights, the hyper-parameters (as metadata keys) and the tokenizer
+(as token/score/type arrays). The conventions below were checked against the real Gemma 3
+270M GGUF (logit parity with `transformers`) and llama.cpp's converter (`convert_hf_to_gguf.py`):
+
+- Names: our HF-named table (`names.tensor_specs`) mapped through gguf's own `TensorNameMap`,
+  the map llama.cpp's converter uses; so both directions derive from names.py and cannot drift.
+- Layout: GGUF lists dimensions fastest-first (ggml's `ne`); in numpy (C) order a tensor is
+  exactly HF's (`[out, in]` for projections, `[V, D]` for the embedding), so `TensorSpec`
+  converts it. Gemma's q/k are not permuted (llama.cpp permutes only llama-family RoPE).
+- Every RMSNorm weight (HF names ending in "norm.weight", Gemma 3's q/k norms included) is
+  stored as `w + 1`, since llama.cpp multiplies by the weight where Gemma uses `1 + w`.
+- What GGUF does not record is set as llama.cpp sets it: the sliding-window layer pattern
+  (Gemma 2: every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base (10000),
+  and `query_pre_attn_scalar` (head_dim, except embed/heads for the 27B layer counts). Saving
+  refuses a config that a reload (or llama.cpp) would read back differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import gguf
+import ml_dtypes  # noqa: F401  -- registers "bfloat16" with numpy, for `dtype`
+import numpy as np
+import numpy.typing as npt
+from gguf import GGMLQuantizationType as Q
+from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+from gemma_jax.checkpoint.hf import Put, _checked_leaves, _listing, _set
+from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
+from gemma_jax.config import GemmaConfig
+from gemma_jax.tokenizer import Tokenizer
+
+SaveType = Literal["f32", "f16", "bf16", "q8_0"]
+_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}  # our model_type -> llama.cpp arch
+_MODEL_TYPE = {arch: model_type for model_type, arch in _ARCH.items()}
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp set_swa_pattern(n): layer i is global iff i % n == n - 1
+_LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp picks the 27B attention scale by layer count
+_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp's fixed rope_freq_base_train_swa for Gemma 3
+_SAVE = {  # type -> (GGML type of matrices, general.file_type)
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+_PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token types (1 normal ... 6 byte)
+_REQUIRED = object()
+
+
+def load_gguf(
+    path: str | os.PathLike[str],
+    *,
+    dtype: npt.DTypeLike | None = None,
+    put: Put | None = None,
+) -> tuple[GemmaConfig, dict[str, Any], Tokenizer]:
+    """Load a llama.cpp GGUF of a Gemma 1/2/3 model (arch gemma, gemma2 or gemma3).
+
+    Tensors of any type gguf can dequantize are converted one at a time from the memory-mapped
+    file to float32, then cast to `dtype` (default float32); `put(path, array)` may place each on
+    devices as it is made. Metadata, names and shapes are all checked before any tensor is
+    converted, and any failure is a ValueError naming the file, so nothing half-loaded escapes.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"GGUF file {file} does not exist")
+    try:
+        reader = _Reader(file)
+        meta = _metadata(reader)
+    except Exception as e:  # GGUFReader signals malformed input with assorted error types
+        raise ValueError(f"{file}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+    try:
+        config = _config_from_metadata(meta)
+        tokenizer = _tokenizer_from_metadata(meta)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+    specs = _gguf_specs(config)
+    tensors = {t.name: t for t in reader.tensors}
+    _validate(file, tensors, specs, meta["general.architecture"])
+    cast = np.dtype(np.float32 if dtype is None else dtype)
+    params: dict[str, Any] = {}
+    for name, spec in specs.items():
+        tensor = tensors[name]
+        try:
+            x = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError as e:
+            kind = tensor.tensor_type.name
+            raise ValueError(f"{file}: tensor {name} has type {kind}, which gguf cannot dequantize") from e
+        x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
+        if np.may_share_memory(x, reader.data):  # an F32 tensor can still be a view of the mapped file
+            x = x.copy()
+        _set(params, spec.path, x if put is None else put(spec.path, x))
+    return config, params, tokenizer
+
+
+def save_gguf(
+    path: str | os.PathLike[str],
+    config: GemmaConfig,
+    params: Mapping[str, Any],
+    tokenizer: Tokenizer,
+    *,
+    type: SaveType = "f32",
+    overwrite: bool = False,
+) -> Path:
+    """Write a GGUF that llama.cpp runs and `load_gguf` restores (the same config, params within `type`'s error).
+
+    Matrices are stored as `type`; norms and other 1-D tensors stay F32, and a matrix whose rows
+    do not fill whole Q8_0 blocks falls back to F16, as llama.cpp's converter does. Tensors are
+    converted and written one at a time into a temporary sibling file renamed into place at the end.
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
+    if type not in _SAVE:
+        raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(_SAVE)}")
+    if config.model_type not in _ARCH:
+        raise ValueError(f"model_type {config.model_type!r} has no GGUF architecture")
+    meta = _metadata_for(config, tokenizer, type)
+    _check_representable(config, _config_from_metadata(meta))
+    specs = _gguf_specs(config)
+    leaves = _checked_leaves(params, specs)
+    qtypes = {name: _storage_type(spec, _SAVE[type][0]) for name, spec in specs.items()}
+
+    writer = gguf.GGUFWriter(None, meta["general.architecture"])
+    for key, value in meta.items():
+        if key != "general.architecture":  # the writer adds it itself
+            _add_kv(writer, key, value)
+    for name, spec in specs.items():
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(spec.hf_shape, qtypes[name]))
+        writer.add_tensor_info(name, spec.hf_shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[name])
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # same directory: os.replace is atomic
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for name, spec in specs.items():
+            x = spec.to_hf(np.asarray(leaves[spec.path], np.float32))
+            writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[name]))
+        writer.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+# --- names, types, validation ----------------------------------------------------------------
+
+
+def _gguf_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
+    """GGUF tensor name -> spec: names.py's HF names through llama.cpp's own name map."""
+    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == _ARCH[config.model_type])
+    names = gguf.get_tensor_name_map(arch, config.num_layers)
+    return {names.get_name(hf, try_suffixes=(".weight",)): spec for hf, spec in tensor_specs(config).items()}
+
+
+def _is_norm(spec: TensorSpec) -> bool:
+    """llama.cpp's converter adds 1 to every HF tensor named like this (Gemma 1/2/3 alike)."""
+    return spec.hf_name.endswith("norm.weight")
+
+
+def _storage_type(spec: TensorSpec, qtype: Q) -> Q:
+    """As llama.cpp's converter: 1-D tensors (norms) stay F32, and a matrix whose rows are not
+    whole quantisation blocks (ggml quantises along rows) falls back to F16."""
+    if len(spec.hf_shape) == 1:
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return Q.F16 if spec.hf_shape[-1] % block else qtype
+
+
+def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, TensorSpec], arch: str) -> None:
+    unexpected = [name for name in tensors if name not in specs]
+    if unexpected:
+        raise ValueError(f"{file}: unexpected tensors for this {arch} model: {_listing(unexpected)}")
+    missing = [name for name in specs if name not in tensors]
+    if missing:
+        raise ValueError(f"{file}: missing tensors {_listing(missing)}")
+    for name, spec in specs.items():
+        shape = tuple(int(d) for d in reversed(tensors[name].shape))  # GGUF lists ne (fastest first)
+        if shape != spec.hf_shape:
+            raise ValueError(
+                f"{file}: tensor {name} has shape {list(shape)} ({math.prod(shape)} elements), "
+                f"but the metadata implies {list(spec.hf_shape)} ({math.prod(spec.hf_shape)})"
+            )
+
+
+class _Reader(gguf.GGUFReader):
+    """GGUFReader that parses faster and whose tensor errors (data cut off, sizes that do not fit
+    the type) name the tensor."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, mapped: np.memmap) -> None:
+        # A plain-ndarray view of the same mapping: slicing an np.memmap costs ~4x more, which
+        # dominates parsing Gemma's 262k tokenizer strings (~20 s -> ~5 s).
+        self._data = mapped.view(np.ndarray)
+
+    def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+        try:
+            super()._build_tensors(start_offs, fields)
+        except ValueError:
+            for field in fields:  # only on failure: find the culprit
+                try:
+                    super()._build_tensors(start_offs, [field])
+                except ValueError as e:
+                    name = bytes(field.parts[1]).decode(errors="replace")
+                    raise ValueError(f"tensor {name} does not fit the file ({e})") from e
+            raise
+
+
+# --- metadata <-> config ---------------------------------------------------------------------
+
+
+def _f32(x: float) -> float:
+    """The shortest decimal that a float32 key holds, so 1e-6 reads back as 1e-6, not 9.9999997e-07."""
+    return float(str(np.float32(x)))
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    return {
+        key: _f32(field.contents()) if field.types == [gguf.GGUFValueType.FLOAT32] else field.contents()
+        for key, field in reader.fields.items()
+    }
+
+
+def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
+    """The config llama.cpp would run for this metadata (its defaults where a key is absent)."""
+    arch = meta.get("general.architecture")
+    if arch not in _MODEL_TYPE:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(_MODEL_TYPE)}")
+
+    def get(name: str, default: Any = _REQUIRED) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is _REQUIRED:
+            raise ValueError(f"metadata lacks {arch}.{name}")
+        return value
+
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ValueError("metadata has no tokenizer (tokenizer.ggml.tokens)")
+    scaling, factor = get("rope.scaling.type", "none"), get("rope.scaling.factor", 1.0)
+    if scaling not in ("none", "linear") or (factor != 1.0 and arch != "gemma3"):
+        raise ValueError(f"unsupported RoPE scaling {scaling!r} x{factor} for {arch}")
+    try:
+        embed, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
+        head_dim = get("attention.key_length", embed // heads)
+        # llama.cpp: Gemma 1 has no sliding window, Gemma 2 defaults to 4096, Gemma 3 without one is all global.
+        window = get("attention.sliding_window", 4096 if arch == "gemma2" else 0) if arch in _SWA_PERIOD else 0
+        period = _SWA_PERIOD[arch] if window else 1
+        return GemmaConfig(
+            model_type=_MODEL_TYPE[arch],
+            vocab_size=len(meta["tokenizer.ggml.tokens"]),
+            embed_dim=embed,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=get("attention.head_count_kv", heads),
+            head_dim=head_dim,
+            mlp_dim=get("feed_forward_length"),
+            query_pre_attn_scalar=embed // heads if layers == _LAYERS_27B.get(arch) else head_dim,
+            layer_pattern=("local",) * (period - 1) + ("global",),
+            sliding_window=window or None,
+            attn_logit_softcap=get("attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
+            final_logit_softcap=get("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0) or None,
+            use_post_norms=arch != "gemma",
+            use_qk_norm=arch == "gemma3",
+            max_position=get("context_length"),
+            rope_base=get("rope.freq_base", 10_000.0),
+            rope_local_base=_LOCAL_ROPE_BASE if arch == "gemma3" else None,
+            rope_scale=factor,
+            rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
+            pad_id=meta.get("tokenizer.ggml.padding_token_id", 0),
+            eos_id=meta.get("tokenizer.ggml.eos_token_id", 1),
+            bos_id=meta.get("tokenizer.ggml.bos_token_id", 2),
+        )
+    except (TypeError, ZeroDivisionError) as e:  # e.g. a per-layer array where Gemma has one number
+        raise ValueError(f"metadata does not describe a Gemma model: {e}") from e
+
+
+def _metadata_for(config: GemmaConfig, tokenizer: Tokenizer, type: SaveType) -> dict[str, Any]:
+    """The metadata llama.cpp's converter writes for this model (key names as in `gguf.Keys`)."""
+    arch = _ARCH[config.model_type]
+    meta: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.file_type": int(_SAVE[type][1]),
+        "general.quantization_version": gguf.GGML_QUANT_VERSION,
+        f"{arch}.context_length": config.max_position,
+        f"{arch}.embedding_length": config.embed_dim,
+        f"{arch}.block_count": config.num_layers,
+        f"{arch}.feed_forward_length": config.mlp_dim,
+        f"{arch}.attention.head_count": config.num_heads,
+        f"{arch}.attention.head_count_kv": config.num_kv_heads,
+        f"{arch}.attention.key_length": config.head_dim,
+        f"{arch}.attention.value_length": config.head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": _f32(config.rms_norm_eps),
+        f"{arch}.rope.freq_base": _f32(config.rope_base),
+    }
+    if arch != "gemma" and config.sliding_window:
+        meta[f"{arch}.attention.sliding_window"] = config.sliding_window
+    caps = {"attn_logit_softcapping": config.attn_logit_softcap, "final_logit_softcapping": config.final_logit_softcap}
+    meta |= {f"{arch}.{key}": _f32(value) for key, value in caps.items() if value}
+    if config.rope_scale != 1.0:
+        meta |= {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": _f32(config.rope_scale)}
+    if (config.bos_id, config.eos_id, config.pad_id) != (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
+        raise ValueError("config and tokenizer disagree on the bos/eos/pad ids")
+    return meta | _tokenizer_metadata(tokenizer, config.vocab_size)
+
+
+def _check_representable(config: GemmaConfig, restored: GemmaConfig) -> None:
+    diffs = [
+        f"{f.name}={getattr(config, f.name)!r} (GGUF gives {getattr(restored, f.name)!r})"
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != getattr(restored, f.name)
+    ]
+    if diffs:
+        raise ValueError(f"GGUF ({_ARCH[config.model_type]}) cannot represent this config: {'; '.join(diffs)}")
+
+
+def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """Scalars as llama.cpp's converter types them; arrays typed by their first element."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    else:
+        writer.add_array(key, value)
+
+
+# --- tokenizer -------------------------------------------------------------------------------
+# sentencepiece matches user-defined pieces after escaping spaces to "▁", llama.cpp before it,
+# so their spaces are spelled differently in the two formats (e.g. Gemma's run-of-spaces pieces).
+
+
+def _tokenizer_from_metadata(meta: Mapping[str, Any]) -> Tokenizer:
+    """A sentencepiece BPE model (byte fallback, identity normalisation) from the GGUF token arrays."""
+    if meta.get("tokenizer.ggml.model") != "llama":
+        raise ValueError(f"tokenizer model {meta.get('tokenizer.ggml.model')!r} is not sentencepiece ('llama')")
+    tokens, scores, types = (meta.get(f"tokenizer.ggml.{k}", []) for k in ("tokens", "scores", "token_type"))
+    if not len(tokens) == len(scores) == len(types) or not set(types) <= set(_PIECE.Type.values()):
+        raise ValueError("tokenizer.ggml.tokens/scores/token_type differ in length or hold unknown token types")
+    defaults = {"unknown": 3, "bos": 2, "eos": 1, "padding": 0}  # Gemma's
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id", d) for k, d in defaults.items()}
+    if not all(0 <= i < len(tokens) for i in ids.values()):
+        raise ValueError(f"special token ids {ids} out of range for {len(tokens)} tokens")
+    proto = sp_pb2.ModelProto()
+    for i, (text, score, kind) in enumerate(zip(tokens, scores, types)):
+        if kind == _PIECE.USER_DEFINED:
+            text = text.replace(" ", "▁")
+        kind = _PIECE.UNKNOWN if i == ids["unknown"] else kind  # llama.cpp's converter marks <unk> CONTROL
+        proto.pieces.add(piece=text, score=score, type=kind)
+    trainer = proto.trainer_spec
+    trainer.model_type = sp_pb2.TrainerSpec.BPE
+    trainer.vocab_size = len(tokens)
+    trainer.byte_fallback = _PIECE.BYTE in types
+    trainer.unk_id, trainer.bos_id, trainer.eos_id, trainer.pad_id = ids.values()
+    pieces = (proto.pieces[i].piece for i in ids.values())
+    trainer.unk_piece, trainer.bos_piece, trainer.eos_piece, trainer.pad_piece = pieces
+    normalizer = proto.normalizer_spec
+    normalizer.name = "identity"
+    normalizer.add_dummy_prefix = meta.get("tokenizer.ggml.add_space_prefix", True)  # llama.cpp's default
+    normalizer.remove_extra_whitespaces = False
+    normalizer.escape_whitespaces = True
+    return Tokenizer(proto.SerializeToString())
+
+
+def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]:
+    """GGUF tokenizer keys; the vocab is padded to the embedding's rows as llama.cpp pads it ([PADn], unused)."""
+    # Tokenizer has no public accessor for its model proto.
+    proto = sp_pb2.ModelProto.FromString(tokenizer.model_proto)
+    norm = proto.normalizer_spec
+    if proto.trainer_spec.model_type != sp_pb2.TrainerSpec.BPE:
+        raise ValueError("only BPE sentencepiece tokenizers (as Gemma's) can be written: GGUF does not say which kind")
+    if norm.precompiled_charsmap or norm.remove_extra_whitespaces or not norm.escape_whitespaces:
+        raise ValueError("GGUF sentencepiece tokenizers cannot hold normalisation rules; this tokenizer has some")
+    pieces = list(proto.pieces)
+    if len(pieces) > vocab_size:
+        raise ValueError(f"tokenizer has {len(pieces)} pieces, more than vocab_size={vocab_size}")
+    pad = range(len(pieces), vocab_size)
+    spelled = [p.piece.replace("▁", " ") if p.type == _PIECE.USER_DEFINED else p.piece for p in pieces]
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": spelled + [f"[PAD{i}]" for i in pad],
+        "tokenizer.ggml.scores": [p.score for p in pieces] + [-10_000.0] * len(pad),
+        "tokenizer.ggml.token_type": [int(p.type) for p in pieces] + [int(_PIECE.UNUSED)] * len(pad),
+        "tokenizer.ggml.bos_token_id": tokenizer.bos_id,
+        "tokenizer.ggml.eos_token_id": tokenizer.eos_id,
+        "tokenizer.ggml.unknown_token_id": tokenizer.unk_id,
+        "tokenizer.ggml.padding_token_id": tokenizer.pad_id,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+        "tokenizer.ggml.add_space_prefix": norm.add_dummy_prefix,
+    }
