@@ -17,22 +17,34 @@ DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "parameter dtype; auto = float32 on CPU (XLA's bf16 CPU matmuls are slow), else bfloat16"
 
 
-def _dtype(name: str) -> str:
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
+    parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
+    parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
+    parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
+
+
+def _load_model(args: argparse.Namespace):
+    """Join the process group if asked, build the mesh, load the checkpoint onto it."""
     import jax
 
-    return ("float32" if jax.default_backend() == "cpu" else "bfloat16") if name == "auto" else name
-
-
-def _generate(args: argparse.Namespace) -> None:
     from gemma_jax import distributed
     from gemma_jax.api import load
     from sharding import make_mesh
 
     distributed.initialize(force=args.distributed)
-    leader = distributed.is_leader()
+    dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
+    mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
+    return load(args.ckpt, dtype=dtype, mesh=mesh)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from gemma_jax import distributed
+
     start = time.perf_counter()
-    mesh = None if args.mesh is None else make_mesh(args.mesh)
-    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=mesh)
+    model = _load_model(args)
+    leader = distributed.is_leader()
     loaded = time.perf_counter()
     first_token_at: list[float] = []
 
@@ -62,14 +74,11 @@ def _perplexity(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from gemma_jax import distributed
-    from gemma_jax.api import load
     from gemma_jax.perplexity import perplexity
-    from sharding import make_mesh
 
-    distributed.initialize(force=args.distributed)
     text = Path(args.text_file).read_text(encoding="utf-8")
     start = time.perf_counter()
-    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=None if args.mesh is None else make_mesh(args.mesh))
+    model = _load_model(args)
     bar = tqdm(desc="perplexity", unit="window", disable=not distributed.is_leader())
 
     def progress(done: int, total: int, running: float) -> None:
@@ -92,14 +101,11 @@ def _infer(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from gemma_jax import distributed
-    from gemma_jax.api import load
     from gemma_jax.infer import run_job
-    from sharding import make_mesh
 
-    distributed.initialize(force=args.distributed)
-    leader = distributed.is_leader()
     start = time.perf_counter()
-    model = load(args.ckpt, dtype=_dtype(args.dtype), mesh=None if args.mesh is None else make_mesh(args.mesh))
+    model = _load_model(args)
+    leader = distributed.is_leader()
     if model.tokenizer is None:
         raise ValueError(f"{args.ckpt}: infer needs a checkpoint with a tokenizer")
     bar = tqdm(desc="infer", unit="prompt", disable=not leader)
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
-    gen.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
+    _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -158,13 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    gen.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
-    gen.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     gen.set_defaults(run=_generate)
 
     inf = commands.add_parser("infer", help="batched JSONL generation with continuous batching; restartable")
-    inf.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
+    _add_model_args(inf)
     inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     inf.add_argument("--batch-size", type=int, default=8, help="decode slots")
@@ -173,20 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--top-p", type=float)
     inf.add_argument("--seed", type=int, default=0)
     inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
-    inf.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    inf.add_argument("--mesh")
-    inf.add_argument("--distributed", action="store_true")
     inf.set_defaults(run=_infer)
 
     ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
-    ppl.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
+    _add_model_args(ppl)
     ppl.add_argument("--text-file", required=True)
     ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (llama.cpp -c)")
     ppl.add_argument("--stride", type=int, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
     ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
-    ppl.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
-    ppl.add_argument("--mesh")
-    ppl.add_argument("--distributed", action="store_true")
     ppl.set_defaults(run=_perplexity)
 
     pl = commands.add_parser("plan", help="per-device memory and roofline speed of a model on a slice, before booking it")
