@@ -132,6 +132,18 @@ def _infer(args: argparse.Namespace) -> None:
         )
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from gemma_jax.convert import run
+
+    run(args)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from gemma_jax.train.cli import run
+
+    run(args)
+
+
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -185,6 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
     ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
     ppl.set_defaults(run=_perplexity)
+
+    from gemma_jax.convert import add_arguments as add_convert_arguments
+    from gemma_jax.train.cli import add_arguments as add_finetune_arguments
+
+    cv = commands.add_parser("convert", help="convert checkpoints: HF, Orbax, GGUF, compressed-tensors int8 (Google/Kaggle Flax in), streamed")
+    add_convert_arguments(cv)
+    cv.set_defaults(run=_convert)
+
+    ft = commands.add_parser("finetune", help="fine-tune (full or LoRA), sharded, resumable; chat or plain-text JSONL")
+    add_finetune_arguments(ft)
+    ft.set_defaults(run=_finetune)
 
     pl = commands.add_parser("plan", help="per-device memory and roofline speed of a model on a slice, before booking it")
     pl.add_argument("--model", required=True, help="model preset, e.g. gemma2-27b (configs/models/*.yaml)")

@@ -1,38 +1,141 @@
 """Read and write Hugging Face Gemma checkpoints (`config.json` + safetensors) as our param pytree.
 
-Loading converts tensors one at a time (peak host memory ~ one model + one tensor) and hands
-each to an optional `put` hook, so a caller can place it on devices/shards as soon as it is read.
-Every name and shape is validated from the safetensors headers before any tensor data is
-read, so a bad checkpoint fails fast and nothing half-loaded is ever returned.
+Both directions stream. Reading opens a checkpoint as a `TensorSource`, whose tensors are read
+one at a time; writing pulls tensors from a source one at a time into safetensors files whose
+headers are planned up front from the config. Peak host memory is therefore about one tensor,
+whatever the model size. Every name, shape and dtype is validated from the safetensors headers
+before any tensor data is read, so a bad checkpoint fails fast and nothing half-loaded is ever
+returned; writes go to a temporary sibling directory that replaces the destination only when
+complete. Other formats (Orbax, GGUF, compressed-tensors, Google's Flax checkpoints) produce and
+consume the same `TensorSource`, which is how the converter joins any reader to any writer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import functools
 import json
 import math
 import os
 import shutil
+import struct
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import ml_dtypes  # noqa: F401  -- registers "bfloat16" with numpy; safetensors needs it for BF16 tensors
+import ml_dtypes
 import numpy as np
 import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
 from gemma_jax.config import GemmaConfig
+from gemma_jax.tokenizer import BOS, EOS, PAD, UNK
 
 Put = Callable[[ParamPath, np.ndarray], Any]
+Array = Any  # np.ndarray, or a jax.Array (possibly sharded) for params already in memory
+Shape = tuple[int, ...]
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# Without it, transformers loads tokenizer.model as a GemmaTokenizer that adds no <bos>.
+TOKENIZER_CONFIG = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                    "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}  # fmt: skip
 TIED_HEAD = "lm_head.weight"  # Gemma ties the output projection to the embedding
 EMBEDDING = "model.embed_tokens.weight"
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
+# safetensors' dtype names <-> numpy (the ones Gemma checkpoints, quantized ones included, use).
+_ST_DTYPES = {
+    "F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
+    "F64": np.dtype(np.float64), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "I16": np.dtype(np.int16), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64),
+}  # fmt: skip
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """A checkpoint opened for streaming: its config, and its tensors read one at a time in our layout.
+
+    Openers validate names, shapes and dtypes from headers or metadata before returning a source,
+    so a bad checkpoint fails before anything is written. Iterating yields `(spec, array)` in HF
+    order (embedding, layer by layer, final norm) and checks each array against the config as it
+    is read, so not even a lying header or a reader bug can put a wrong tensor into an output.
+    """
+
+    config: GemmaConfig
+    dtypes: Mapping[ParamPath, np.dtype]  # the dtype `read` returns for each tensor
+    read: Callable[[TensorSpec], Array]  # one tensor, in our layout
+    tokenizer: bytes | None = None  # the sentencepiece model (tokenizer.model), if the checkpoint has one
+
+    def __post_init__(self) -> None:
+        wanted = {s.path for s in self.specs.values()}
+        if set(self.dtypes) != wanted:
+            raise ValueError(f"tensor dtypes given for {_listing('/'.join(p) for p in set(self.dtypes) ^ wanted)}, "
+                             "which is not the set of tensors the config implies")  # fmt: skip
+        bad = sorted({np.dtype(d).name for d in self.dtypes.values()} - {d.name for d in FLOAT_DTYPES})
+        if bad:
+            raise ValueError(f"Gemma weights must be float32, bfloat16 or float16, not {', '.join(bad)}")
+
+    @functools.cached_property
+    def specs(self) -> dict[str, TensorSpec]:
+        return tensor_specs(self.config)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s.shape) * np.dtype(self.dtypes[s.path]).itemsize for s in self.specs.values())
+
+    def __iter__(self) -> Iterator[tuple[TensorSpec, Array]]:
+        for spec in self.specs.values():
+            x = self.read(spec)
+            want = np.dtype(self.dtypes[spec.path])
+            if tuple(x.shape) != spec.shape or np.dtype(x.dtype) != want:
+                raise ValueError(
+                    f"tensor {'/'.join(spec.path)} (HF {spec.hf_name}) was read as {np.dtype(x.dtype).name} "
+                    f"{list(x.shape)}, but the config implies {want.name} {list(spec.shape)}"
+                )
+            yield spec, x
+
+
+def params_source(config: GemmaConfig, params: Mapping[str, Any], tokenizer: bytes | None = None) -> TensorSource:
+    """A source over a param tree in memory (numpy or jax arrays); refuses missing, extra or mis-shaped params."""
+    leaves = _checked_leaves(params, tensor_specs(config))
+    return TensorSource(config, {p: np.dtype(x.dtype) for p, x in leaves.items()}, lambda s: leaves[s.path], tokenizer)
+
+
+def collect(source: TensorSource, put: Put | None = None) -> dict[str, Any]:
+    """Read a whole source into a param tree; `put(path, array)` may place each tensor (e.g. on devices) as it is read."""
+    params: dict[str, Any] = {}
+    for spec, x in source:
+        _set(params, spec.path, x if put is None else put(spec.path, x))
+    return params
+
+
+def hf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
+    """Open a HF Gemma checkpoint directory for streaming; `dtype` casts each tensor as it is read."""
+    root = Path(path)
+    config = read_hf_config(root)
+    specs = tensor_specs(config)
+    located = locate_tensors(root)
+    _validate(located, specs, config)
+    if TIED_HEAD in located:
+        _check_tied(located)
+    cast = None if dtype is None else np.dtype(dtype)
+    dtypes = {s.path: cast or located[name].dtype for name, s in specs.items()}
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        x = spec.to_ours(read_tensor(located[spec.hf_name].file, spec.hf_name))
+        return x if cast is None else x.astype(cast, copy=False)
+
+    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
 
 
 def load_hf(
@@ -41,30 +144,13 @@ def load_hf(
     dtype: npt.DTypeLike | None = None,
     put: Put | None = None,
 ) -> tuple[GemmaConfig, dict[str, Any]]:
-    """Load a HF Gemma 1/2 checkpoint directory as (config, params).
+    """Load a HF Gemma 1/2/3 checkpoint directory as (config, params).
 
     `dtype` casts every tensor as it is read (None keeps the stored dtype). `put(path, array)`
     is applied to each converted tensor and its result stored in the tree (default: the array).
     """
-    root = Path(path)
-    config = read_hf_config(root)
-    specs = tensor_specs(config)
-    located = _locate_tensors(root)
-    _validate(located, specs, config)
-    if TIED_HEAD in located:
-        _check_tied(located)
-    cast = None if dtype is None else np.dtype(dtype)
-    params: dict[str, Any] = {}
-    for file in dict.fromkeys(file for file, _ in located.values()):
-        with safe_open(file, framework="numpy") as f:
-            for name in f.keys():
-                if name == TIED_HEAD:
-                    continue
-                spec = specs[name]
-                x = spec.to_ours(f.get_tensor(name))
-                x = x if cast is None else x.astype(cast, copy=False)
-                _set(params, spec.path, x if put is None else put(spec.path, x))
-    return config, params
+    source = hf_source(path, dtype=dtype)
+    return source.config, collect(source, put)
 
 
 def save_hf(
@@ -76,48 +162,76 @@ def save_hf(
     tokenizer_model: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `params` as a HF checkpoint directory that `transformers.from_pretrained` loads.
-
-    Everything goes into a temporary sibling directory that is renamed into place at the end,
-    so readers never see a partial checkpoint. Host memory peaks at about one shard, since
-    tensors (possibly on devices) are converted shard by shard.
-    """
+    """Write `params` as a HF checkpoint directory that `transformers.from_pretrained` loads (see `write_hf`)."""
     dest = Path(path)
-    if dest.exists() and not overwrite:
+    if dest.exists() and not overwrite:  # before reading anything
         raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
-    specs = tensor_specs(config)
-    leaves = _checked_leaves(params, specs)
-    dtypes = {np.dtype(x.dtype) for x in leaves.values()}
-    shards = _plan_shards(specs, leaves, max_shard_bytes)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
-    ]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        # Widest dtype: transformers casts everything to it on load, which then loses nothing.
-        dtype_name = max(dtypes, key=lambda d: d.itemsize).name
-        hf_config = {**config.to_hf(), "torch_dtype": dtype_name, "dtype": dtype_name}
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
-        for file, shard in zip(names, shards):
-            tensors = {n: specs[n].to_hf(np.asarray(leaves[specs[n].path])) for n in shard}
-            save_file(tensors, tmp / file, metadata={"format": "pt"})  # transformers checks "format"
-            del tensors  # free this shard before converting the next
+    tokenizer = None if tokenizer_model is None else Path(tokenizer_model).read_bytes()
+    return write_hf(dest, params_source(config, params, tokenizer), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def write_hf(
+    path: str | os.PathLike[str], source: TensorSource, *, max_shard_bytes: int = 2**31, overwrite: bool = False
+) -> Path:
+    """Write a source as a HF checkpoint directory (sharded safetensors + index, config.json, and the
+    tokenizer as tokenizer.model + tokenizer_config.json).
+
+    Tensors are converted and written one at a time, so host memory peaks at about one tensor
+    (params on devices are fetched one tensor at a time too), whatever `max_shard_bytes` is.
+    """
+    layout = {name: (s.hf_shape, np.dtype(source.dtypes[s.path])) for name, s in source.specs.items()}
+    tensors = ((s.hf_name, s.to_hf(np.asarray(x))) for s, x in source)
+    return write_hf_dir(path, hf_config(source.config, layout), layout, tensors, tokenizer=source.tokenizer,
+                        max_shard_bytes=max_shard_bytes, overwrite=overwrite)  # fmt: skip
+
+
+def hf_config(config: GemmaConfig, layout: Mapping[str, tuple[Shape, np.dtype]]) -> dict[str, Any]:
+    """The config.json dict, with `torch_dtype` the widest float dtype among the tensors:
+    transformers casts everything to it on load, which then loses nothing."""
+    floats = [d for _, d in layout.values() if d in FLOAT_DTYPES]
+    name = max(floats, key=lambda d: d.itemsize).name
+    return {**config.to_hf(), "torch_dtype": name, "dtype": name}
+
+
+def write_hf_dir(
+    path: str | os.PathLike[str],
+    config_json: Mapping[str, Any],
+    layout: Mapping[str, tuple[Shape, np.dtype]],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    tokenizer: bytes | None,
+    max_shard_bytes: int,
+    overwrite: bool,
+) -> Path:
+    """Write a safetensors checkpoint directory from a stream of (HF name, array) matching `layout`, in its order.
+
+    `layout` (name -> shape, dtype) fixes the shard headers before any data is read; each streamed
+    array must match its entry. Everything goes into a temporary sibling renamed into place at the end.
+    """
+    with staged_dir(path, overwrite=overwrite) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_json, indent=2) + "\n")
+        shards = _plan_shards(layout, max_shard_bytes)
+        files = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)
+        ]  # fmt: skip
+        stream = iter(tensors)
+        for file, shard in zip(files, shards):
+            _write_safetensors(tmp / file, {name: layout[name] for name in shard}, stream)
+        if next(stream, None) is not None:
+            raise ValueError("more tensors than the layout lists")
         if len(shards) > 1:
             index = {
                 "metadata": {
-                    "total_size": sum(x.nbytes for x in leaves.values()),
-                    "total_parameters": sum(math.prod(x.shape) for x in leaves.values()),
+                    "total_size": sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values()),
+                    "total_parameters": sum(math.prod(shape) for shape, _ in layout.values()),
                 },
-                "weight_map": {n: file for file, shard in zip(names, shards) for n in shard},
+                "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
             }
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        if tokenizer_model is not None:
-            shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-        _move_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
+            (tmp / TOKENIZER_CONFIG_FILE).write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    return Path(path)
 
 
 def read_hf_config(path: str | os.PathLike[str]) -> GemmaConfig:
@@ -128,13 +242,85 @@ def read_hf_config(path: str | os.PathLike[str]) -> GemmaConfig:
     return _read_config(root / CONFIG_FILE)
 
 
+def read_tensor(file: Path, name: str) -> np.ndarray:
+    """One tensor from a safetensors file. The file is mapped only for this read, so its pages
+    leave the process's resident memory as soon as the tensor is copied out."""
+    with safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name)
+
+
+def read_tokenizer(file: Path) -> bytes | None:
+    return file.read_bytes() if file.is_file() else None
+
+
+# --- safe directory writes -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of `path` to write into; it replaces `path` only if the block completes.
+
+    Readers never see a partial checkpoint: an error deletes the temporary directory, and a
+    process killed mid-write leaves only a hidden `.NAME.*.tmp` sibling (safe to delete), with
+    any previous `path` intact.
+    """
+    dest = Path(path)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir()  # unlike tempfile.mkdtemp (0700), honours the umask: the result is the checkpoint
+    try:
+        yield tmp
+        _move_into_place(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest`. An existing `dest` is swapped out atomically where the OS can
+    (Linux renameat2 RENAME_EXCHANGE), so `dest` is always either the old or the new directory;
+    elsewhere it is moved aside first, then deleted."""
+    if not dest.exists():
+        tmp.rename(dest)
+        return
+    if _exchange(tmp, dest):
+        shutil.rmtree(tmp)  # now the old directory
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+    dest.rename(trash / dest.name)
+    tmp.rename(dest)
+    shutil.rmtree(trash)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the platform or filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 # --- loading helpers -------------------------------------------------------------------------
+
+
+class _Located(NamedTuple):
+    file: Path
+    shape: Shape
+    dtype: np.dtype
 
 
 def _read_config(file: Path) -> GemmaConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; a HF checkpoint directory needs a {CONFIG_FILE}")
-    hf = _read_json(file)
+    hf = read_json(file)
     try:
         return GemmaConfig.from_hf(hf)
     except KeyError as e:
@@ -143,7 +329,8 @@ def _read_config(file: Path) -> GemmaConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`, with errors that name the file."""
     try:
         data = json.loads(file.read_text())
     except json.JSONDecodeError as e:
@@ -157,7 +344,7 @@ def _shard_files(root: Path) -> list[Path]:
     """The weight files: those the index names if there is one, else the single file."""
     index = root / INDEX_FILE
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map'")
         files = [root / name for name in dict.fromkeys(weight_map.values())]
@@ -174,49 +361,67 @@ def _shard_files(root: Path) -> list[Path]:
     )
 
 
-def _locate_tensors(root: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """HF tensor name -> (file, shape), read from the safetensors headers only."""
-    located: dict[str, tuple[Path, tuple[int, ...]]] = {}
+def locate_tensors(root: Path) -> dict[str, _Located]:
+    """HF tensor name -> (file, shape, dtype), read from the safetensors headers only.
+
+    safetensors checks each header against its file (offsets, sizes, truncation) on opening,
+    so a corrupt file fails here, before any tensor data is read.
+    """
+    located: dict[str, _Located] = {}
     for file in _shard_files(root):
         try:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():
                     if name in located:
-                        raise ValueError(f"tensor {name} is in both {located[name][0].name} and {file.name}")
-                    located[name] = (file, tuple(f.get_slice(name).get_shape()))
+                        raise ValueError(f"tensor {name} is in both {located[name].file.name} and {file.name}")
+                    info = f.get_slice(name)
+                    dtype = _ST_DTYPES.get(info.get_dtype())
+                    if dtype is None:
+                        raise ValueError(f"tensor {name} in {file} has unsupported dtype {info.get_dtype()}")
+                    located[name] = _Located(file, tuple(info.get_shape()), dtype)
         except SafetensorError as e:
             raise ValueError(f"{file}: not a readable safetensors file: {e}") from e
     return located
 
 
-def _validate(
-    located: Mapping[str, tuple[Path, tuple[int, ...]]], specs: Mapping[str, TensorSpec], config: GemmaConfig
-) -> None:
+
+def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], config: GemmaConfig) -> None:
     expected = {name: s.hf_shape for name, s in specs.items()} | {TIED_HEAD: specs[EMBEDDING].hf_shape}
-    unexpected = [f"{name} (in {file.name})" for name, (file, _) in located.items() if name not in expected]
+    unexpected = [f"{name} (in {loc.file.name})" for name, loc in located.items() if name not in expected]
     if unexpected:
         raise ValueError(f"unexpected tensors for a {config.model_type} checkpoint: {_listing(unexpected)}")
     missing = [name for name in specs if name not in located]
     if missing:
-        files = sorted({file.name for file, _ in located.values()})
+        files = sorted({loc.file.name for loc in located.values()})
         raise ValueError(f"missing tensors {_listing(missing)} in {_listing(files)}")
-    for name, (file, shape) in located.items():
-        if shape != expected[name]:
+    for name, loc in located.items():
+        if loc.shape != expected[name]:
             raise ValueError(
-                f"tensor {name} in {file} has shape {list(shape)}, but config.json implies {list(expected[name])}"
+                f"tensor {name} in {loc.file} has shape {list(loc.shape)}, but config.json implies {list(expected[name])}"
             )
+        if loc.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tensor {name} in {loc.file} is {loc.dtype.name}; expected float32, bfloat16 or float16")
 
 
-def _check_tied(located: Mapping[str, tuple[Path, tuple[int, ...]]]) -> None:
+def check_tree(found: Mapping[Any, Shape], expected: Mapping[Any, Shape], where: str) -> None:
+    """Refuse a checkpoint whose tensor names or shapes are not the ones expected (keys print via '/'.join)."""
+    name = lambda k: "/".join(k) if isinstance(k, tuple) else str(k)
+    unexpected = [name(k) for k in found if k not in expected]
+    if unexpected:
+        raise ValueError(f"{where}: unexpected tensors {_listing(unexpected)}")
+    missing = [name(k) for k in expected if k not in found]
+    if missing:
+        raise ValueError(f"{where}: missing tensors {_listing(missing)}")
+    for k, shape in expected.items():
+        if tuple(found[k]) != tuple(shape):
+            raise ValueError(f"{where}: tensor {name(k)} has shape {list(found[k])}, but the config implies {list(shape)}")
+
+
+def _check_tied(located: Mapping[str, _Located]) -> None:
     """An explicit lm_head is only acceptable if it is a copy of the embedding (tied weights)."""
-
-    def read(name: str) -> np.ndarray:
-        with safe_open(located[name][0], framework="numpy") as f:
-            return f.get_tensor(name)
-
-    if not np.array_equal(read(TIED_HEAD), read(EMBEDDING)):
+    if not np.array_equal(read_tensor(located[TIED_HEAD].file, TIED_HEAD), read_tensor(located[EMBEDDING].file, EMBEDDING)):
         raise ValueError(
-            f"tensor {TIED_HEAD} in {located[TIED_HEAD][0]} differs from {EMBEDDING}; "
+            f"tensor {TIED_HEAD} in {located[TIED_HEAD].file} differs from {EMBEDDING}; "
             "Gemma ties them and untied output embeddings are not supported"
         )
 
@@ -259,14 +464,12 @@ def _flatten(tree: Mapping[str, Any], prefix: ParamPath = ()) -> Iterable[tuple[
             yield (*prefix, key), value
 
 
-def _plan_shards(
-    specs: Mapping[str, TensorSpec], leaves: Mapping[ParamPath, Any], max_shard_bytes: int
-) -> list[list[str]]:
-    """Greedy packing in HF order; a tensor larger than the limit gets a shard of its own."""
+def _plan_shards(layout: Mapping[str, tuple[Shape, np.dtype]], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy packing in layout order; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, spec in specs.items():
-        nbytes = leaves[spec.path].nbytes
+    for name, (shape, dtype) in layout.items():
+        nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -275,12 +478,22 @@ def _plan_shards(
     return shards
 
 
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`; an existing `dest` (overwrite=True) is moved aside first, then deleted."""
-    if not dest.exists():
-        tmp.rename(dest)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-    dest.rename(trash / dest.name)
-    tmp.rename(dest)
-    shutil.rmtree(trash)
+def _write_safetensors(file: Path, entries: Mapping[str, tuple[Shape, np.dtype]], stream: Iterator[tuple[str, np.ndarray]]) -> None:
+    """Write one safetensors file tensor by tensor: the header (fixed by `entries`), then each
+    array pulled from `stream` as it arrives, so the file never has to be assembled in memory."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers checks "format"
+    offset = 0
+    for name, (shape, dtype) in entries.items():
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as safetensors itself writes it
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in entries.items():
+            got, x = next(stream, (None, None))
+            if got != name or tuple(x.shape) != shape or x.dtype != dtype:
+                found = "nothing" if x is None else f"{got} {x.dtype.name} {list(x.shape)}"
+                raise ValueError(f"{file.name}: expected tensor {name} {dtype.name} {list(shape)}, got {found}")
+            f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)

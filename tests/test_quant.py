@@ -1,0 +1,232 @@
+"""Quantized Gemma: param tree layout and size, logits against float, generation, sharding, Orbax, gradients."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import gemma_jax
+from gemma_jax.api import Gemma
+from gemma_jax.checkpoint.hf import save_hf
+from gemma_jax.config import GemmaConfig
+from gemma_jax.model import Transformer, init_cache, init_params, param_axes
+from gemma_jax.quant import input_absmax, quantize_params, quantize_weight, smooth, tree_bytes
+from gemma_jax.tiny import tiny_config
+from sharding import INFERENCE, Layout, make_mesh, tree_shardings
+
+SCHEMES = ("w8a16", "w8a8")
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The demo-sized random Gemma 2 (variance-scaled init: well conditioned, like a trained model's layers)."""
+    config = tiny_config(512)
+    return Gemma(config, jax.jit(init_params, static_argnums=0)(config, jax.random.PRNGKey(0)))
+
+
+@pytest.fixture(scope="module")
+def varied(hf_checkpoint):
+    """A random tiny Gemma 2 whose greedy text varies; chaotic (0.3% weight noise moves its logits 10%)."""
+    _, path = hf_checkpoint("gemma2", seed=8, weight_scale=1.5, post_norm_offset=10.0, num_hidden_layers=4)
+    return gemma_jax.load(path, dtype="float32")
+
+
+def _batch(vocab: int, rows: int = 2, length: int = 24, seed: int = 0):
+    tokens = np.random.RandomState(seed).randint(3, vocab, (rows, length)).astype(np.int32)
+    return tokens, np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape), np.ones_like(tokens)
+
+
+def _dequantized(qparams) -> dict:
+    """The float tree whose weights are exactly int8 x scale (what W8A16 computes with)."""
+    flat = flatten_dict(qparams)
+    out = {}
+    for path, x in flat.items():
+        if x.dtype == jnp.int8:
+            s = flat[path[:-1] + ("scale",)]
+            s = s[:, None] if path[-1] == "embedding" else s.reshape((1,) * (x.ndim - s.ndim) + s.shape)
+            out[path] = x.astype(jnp.float32) * s
+        elif not (path[-1] == "scale" and path[:-1] + ("w",) in flat or path == ("embedder", "scale")):
+            out[path] = x
+    return unflatten_dict(out)
+
+
+def test_quantize_weight_is_symmetric_per_output_channel():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 3, 8)), jnp.float32).at[:, 1, 2].set(0.0)
+    q, s = quantize_weight(w, (0,))
+    assert q.dtype == jnp.int8 and s.shape == (3, 8) and s.dtype == jnp.float32
+    np.testing.assert_allclose(s, jnp.abs(w).max(axis=0) / 127)
+    assert np.abs(q).max() == 127 and not np.asarray(q)[:, 1, 2].any() and s[1, 2] == 0  # zero channel: no NaN
+    assert np.abs(q * s - w).max() <= np.asarray(s).max() / 2 + 1e-7
+
+
+def test_quantized_tree_layout(model):
+    """Float paths unchanged; each int8 weight gets a float32 scale over its output axes, with logical axes."""
+    config, params = model.config, model.params
+    q = flatten_dict(quantize_params(config, params, "w8a8"))
+    axes = flatten_dict(param_axes(config, quant="w8a8"))
+    assert set(q) == set(axes) and set(flatten_dict(params)) <= set(q)
+    assert set(flatten_dict(param_axes(config))) == set(flatten_dict(params))  # float layout: no scales
+    for path, x in q.items():
+        assert len(axes[path]) == x.ndim, path
+        if path[-1] in ("w", "embedding"):
+            scale, scale_axes = q[path[:-1] + ("scale",)], axes[path[:-1] + ("scale",)]
+            assert x.dtype == jnp.int8 and scale.dtype == jnp.float32
+            out = scale_axes  # the weight's output axes, in order
+            assert tuple(a for a in axes[path] if a in out) == out and scale.shape == tuple(
+                d for d, a in zip(x.shape, axes[path]) if a in out
+            )
+    assert axes[("embedder", "scale")] == ("vocab",) and axes[("layer_0", "attn", "o", "scale")] == ("embed",)
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
+        quantize_params(config, params, "int4")
+
+
+@pytest.mark.parametrize("preset", ["gemma2-2b", "gemma2-9b", "gemma2-27b", "gemma3-270m"])
+def test_quantized_tree_is_at_most_55_percent_of_bf16(preset):
+    """Exact bytes of the real model sizes (abstract trees: nothing is allocated)."""
+    config = GemmaConfig.from_preset(preset)
+    shapes = lambda quant: jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.bfloat16, quant))
+    nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    ratio = nbytes(shapes("w8a8")) / nbytes(shapes(None))
+    assert 0.5 < ratio <= 0.55, ratio
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_logits_close_to_float(model, scheme):
+    config, params = model.config, model.params
+    tokens, positions, segments = _batch(config.vocab_size, rows=4, length=32)
+    qparams = quantize_params(config, params, scheme)
+    want = np.asarray(Transformer(config).apply({"params": params}, tokens, positions, segments)[0])
+    got = np.asarray(Transformer(config, quant=scheme).apply({"params": qparams}, tokens, positions, segments)[0])
+    rel = np.abs(got - want).max() / np.abs(want).max()
+    agree = (got.argmax(-1) == want.argmax(-1)).mean()
+    assert rel < (0.03 if scheme == "w8a16" else 0.04) and agree >= 0.95, (rel, agree)
+    if scheme == "w8a16":  # weight-only int8 is exactly the float model on the dequantized weights
+        dq = np.asarray(Transformer(config).apply({"params": _dequantized(qparams)}, tokens, positions, segments)[0])
+        np.testing.assert_allclose(got, dq, rtol=1e-5, atol=1e-5 * np.abs(dq).max())
+
+
+def test_smoothquant_keeps_the_float_model_and_rescues_w8a8_from_outlier_channels(model):
+    """Trained LLMs have a few huge residual channels; here 4 get a 31x norm gain. SmoothQuant's folded
+    rewrite is the same float function, and cuts W8A8's error beyond weight-only int8 several-fold."""
+    config = model.config
+    flat = flatten_dict(model.params)
+    for i in range(config.num_layers):
+        for norm in ("pre_attn_norm", "pre_ffw_norm"):
+            flat[(f"layer_{i}", norm, "scale")] = flat[(f"layer_{i}", norm, "scale")].at[:4].set(30.0)
+    params = unflatten_dict(flat)
+    tokens, positions, segments = _batch(config.vocab_size, rows=4, length=32)
+    calibration = _batch(config.vocab_size, rows=2, length=32, seed=1)[0]  # other text than the evaluation's
+    apply = lambda p, quant=None: Transformer(config, quant=quant).apply({"params": p}, tokens, positions, segments)[0]
+    forward = jax.jit(apply, static_argnums=1)
+    want = np.asarray(forward(params))
+
+    factors, norms = smooth(config, params, input_absmax(config, params, calibration))
+    smoothed = {**flat, **norms}
+    for path, fs in factors.items():
+        smoothed[path] = functools.reduce(lambda w, f: w * f, fs, smoothed[path])
+    np.testing.assert_allclose(forward(unflatten_dict(smoothed)), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    error = lambda scheme, **kw: np.abs(np.asarray(forward(quantize_params(config, params, scheme, **kw), scheme)) - want).mean()
+    weight_only, plain, tuned = error("w8a16"), error("w8a8"), error("w8a8", calibration=calibration)
+    assert tuned - weight_only < (plain - weight_only) / 3, (weight_only, plain, tuned)  # measured: 0.095, 0.179, 0.111
+    with pytest.raises(ValueError, match="for w8a8"):
+        quantize_params(config, params, "w8a16", calibration=calibration)
+
+
+def test_quantized_gemma2_generates_through_the_api(model, varied):
+    """int8 params need no other change to run `Gemma.generate` (weight-only); decode steps follow the full forward."""
+    prompts = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47]]
+    quantize = lambda m: Gemma(m.config, quantize_params(m.config, m.params, "w8a16"))
+    assert quantize(model).generate(prompts, max_new_tokens=8) == model.generate(prompts, max_new_tokens=8)
+    quantized = quantize(varied)
+    out = quantized.generate(prompts, max_new_tokens=12)
+    assert all(len(t) == 12 for t in out) and len({t for r in out for t in r}) > 4  # not a degenerate repeat
+    for prompt, new in zip(prompts, out):  # teacher-forced full forward picks the same greedy tokens
+        logits = quantized.logits([prompt + new])[0]
+        assert logits[len(prompt) - 1 : -1].argmax(-1).tolist() == new
+
+
+def test_w8a8_greedy_decode_with_cache(varied):
+    """W8A8 through the KV-cache path (prefill, then one token per step) agrees with its own full forward."""
+    config = varied.config
+    qparams = quantize_params(config, varied.params, "w8a8")
+    net = Transformer(config, quant="w8a8")
+    prompt, new = [2, 5, 17, 33, 8], 10
+    last, ones, arange = (lambda t: jnp.full((1,), t.shape[1] - 1)), jnp.ones_like, lambda t: jnp.arange(t.shape[1])[None]
+    prefill = jax.jit(lambda t, c: net.apply({"params": qparams}, t, arange(t), ones(t), c, last(t), True))
+    step = jax.jit(lambda t, p, c: net.apply({"params": qparams}, t, p, ones(t), c, last(t)))
+    full = jax.jit(lambda t: net.apply({"params": qparams}, t, arange(t), ones(t))[0])
+    logits, cache = prefill(np.asarray([prompt], np.int32), init_cache(config, 1, 32))
+    seq = list(prompt)
+    for _ in range(new):
+        seq.append(int(np.argmax(logits[0])))
+        logits, cache = step(np.asarray([[seq[-1]]], np.int32), np.asarray([[len(seq) - 1]], np.int32), cache)
+    assert np.asarray(full(np.asarray([seq], np.int32)))[0, len(prompt) - 1 : -1].argmax(-1).tolist() == seq[len(prompt) :]
+
+
+def test_sharded_quantized_logits_equal_unsharded(model):
+    """The int8 tree places by `param_axes(config, quant)` on an 8-device mesh; logits match one device."""
+    config = model.config
+    qparams = quantize_params(config, model.params, "w8a16")
+    layout = Layout(make_mesh("data=2,tensor=4"), INFERENCE)
+    shardings = tree_shardings(layout, param_axes(config, quant="w8a16"), qparams)
+    placed = jax.device_put(qparams, shardings)
+    assert {s.data.shape for s in placed["layer_0"]["mlp"]["gate"]["scale"].addressable_shards} == {(config.mlp_dim // 4,)}
+    rows = [list(range(2, 30)), [2, 7, 9, 400]]
+    want = Gemma(config, qparams).logits(rows)
+    got = Gemma(config, placed, layout=layout).logits(rows)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_orbax_round_trip_is_sharded_and_small(tmp_path):
+    """A plain pytree: Orbax saves it at <= 55% of the bf16 (safetensors) checkpoint and restores it resharded.
+
+    Orbax-vs-Orbax is less favourable: its default zstd shrinks bf16 (exponent bits) by about
+    a fifth and int8 hardly at all, so that ratio is only bounded loosely here (see the report).
+    """
+    config = GemmaConfig(
+        model_type="gemma2", vocab_size=2048, embed_dim=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
+        mlp_dim=1024, query_pre_attn_scalar=64, layer_pattern=("local", "global"), sliding_window=16, use_post_norms=True,
+    )  # fmt: skip
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), init_params(config, jax.random.PRNGKey(1)))
+    qparams = quantize_params(config, params, "w8a8")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "orbax-bf16", params)
+    checkpointer.save(tmp_path / "orbax-int8", qparams)
+    checkpointer.wait_until_finished()
+    save_hf(tmp_path / "hf-bf16", config, params)
+    disk = lambda name: sum(f.stat().st_size for f in (tmp_path / name).rglob("*") if f.is_file())
+    assert disk("orbax-int8") <= 0.55 * disk("hf-bf16"), (disk("orbax-int8"), disk("hf-bf16"))
+    assert disk("orbax-int8") <= 0.65 * disk("orbax-bf16"), (disk("orbax-int8"), disk("orbax-bf16"))
+    assert tree_bytes(qparams) <= 0.55 * tree_bytes(params)
+
+    layout = Layout(make_mesh("fsdp=2,tensor=4"), INFERENCE)
+    shardings = tree_shardings(layout, param_axes(config, quant="w8a8"), qparams)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), qparams, shardings)
+    restored = checkpointer.restore(tmp_path / "orbax-int8", abstract)
+    assert restored["layer_0"]["mlp"]["up"]["w"].sharding == shardings["layer_0"]["mlp"]["up"]["w"]
+    jax.tree.map(np.testing.assert_array_equal, restored, qparams)
+
+
+def test_gradients_flow_through_int8_layers(model):
+    """Fine-tuning float leaves (here the norms) of a W8A16 model: gradients equal the dequantized float model's."""
+    config = model.config
+    qparams = quantize_params(config, model.params, "w8a16")
+    tokens, positions, segments = _batch(config.vocab_size, rows=1, length=12)
+
+    def loss(norms, frozen):
+        params = unflatten_dict({**flatten_dict(frozen), **flatten_dict(norms)})
+        logits = Transformer(config).apply({"params": params}, tokens, positions, segments)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
+
+    norms = unflatten_dict({p: x for p, x in flatten_dict(qparams).items() if "norm" in p[-2]})
+    grad = jax.jit(jax.grad(loss))
+    got, want = grad(norms, qparams), grad(norms, _dequantized(qparams))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()), got, want)
