@@ -17,10 +17,10 @@ from jax.sharding import Mesh
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
-from gemma_jax.model import Transformer, logical_axes
+from gemma_jax.model import Transformer, logical_axes, param_axes
 from gemma_jax.sampling import Sampler
 from gemma_jax.tokenizer import Tokenizer
-from sharding import RULE_SETS, Layout, activate, constrain, place, to_host
+from sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
 
 Message = dict[str, str]
 # A prompt is text, a token-id list, or (with chat=True) a user message or a whole conversation.
@@ -51,12 +51,15 @@ class Gemma:
         *,
         compute_dtype: Any = None,
         layout: Layout | None = None,
+        quant: str | None = None,
     ):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.layout = layout  # where params live (None: one device); computations follow it
-        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(jax.tree.leaves(params)[0].dtype))
+        self.quant = quant  # "w8a8" / "w8a16" for int8 params (see gemma_jax.quant)
+        float_dtype = params["final_norm"]["scale"].dtype  # never an int8 leaf
+        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(float_dtype))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """float32 logits [B T V] for a batch of token-id sequences (ragged rows are right-padded; pad logits are 0)."""
@@ -71,7 +74,7 @@ class Gemma:
         segments = np.zeros_like(tokens)
         for i, r in enumerate(rows):
             tokens[i, : len(r)], segments[i, : len(r)] = r, 1
-        out = _forward(self.params, tokens, segments, config=self.config, dtype=self.compute_dtype, layout=self.layout)
+        out = _forward(self.params, tokens, segments, **self._static())
         keep = (slice(len(rows)), slice(longest))
         return np.where(segments[keep][..., None] > 0, to_host(out)[keep], np.float32(0))
 
@@ -88,7 +91,7 @@ class Gemma:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the context of {self.config.max_position}")
         padded = np.zeros((self.batch_rows(len(tokens)), tokens.shape[1]), np.int32)
         padded[: len(tokens)] = tokens
-        out = _logprobs(self.params, padded, config=self.config, dtype=self.compute_dtype, layout=self.layout)
+        out = _logprobs(self.params, padded, **self._static())
         return to_host(out)[: len(tokens)]
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
@@ -136,7 +139,7 @@ class Gemma:
         result = generate(
             self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
             temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self.stop_ids(),
-            dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout,
+            dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout, quant=self.quant,
         )  # fmt: skip
         texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
         if watcher is not None:
@@ -153,6 +156,9 @@ class Gemma:
         if not prompt:
             raise ValueError("empty prompt")
         return self.tokenizer.encode(prompt, add_bos=True)
+
+    def _static(self) -> dict[str, Any]:
+        return dict(config=self.config, dtype=self.compute_dtype, layout=self.layout, quant=self.quant)
 
     def batch_rows(self, rows: int) -> int:
         """Rows to allocate so that the batch splits evenly over the mesh's batch axes."""
@@ -210,21 +216,24 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any) -> jax.Array:
+def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any, quant: str | None) -> jax.Array:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return Transformer(config, dtype).apply({"params": params}, tokens, positions, segments)[0]
+    return Transformer(config, dtype, quant=quant).apply({"params": params}, tokens, positions, segments)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "layout"))
-def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any, layout: Layout | None):
+_STATIC = ("config", "dtype", "layout", "quant")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any, layout: Layout | None, quant: str | None):
     with activate(layout):
-        return constrain(_logits(params, tokens, segments, config, dtype), (None, None, None))  # every host reads it
+        return constrain(_logits(params, tokens, segments, config, dtype, quant), (None, None, None))  # every host reads it
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "layout"))
-def _logprobs(params, tokens, *, config: GemmaConfig, dtype: Any, layout: Layout | None):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _logprobs(params, tokens, *, config: GemmaConfig, dtype: Any, layout: Layout | None, quant: str | None):
     with activate(layout):
-        logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), config, dtype)[:, :-1], axis=-1)
+        logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), config, dtype, quant)[:, :-1], axis=-1)
         return constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None))
 
 
@@ -235,6 +244,7 @@ def load(
     mesh: Mesh | None = None,
     rules: str = "inference",
     compute_dtype: Any = None,
+    quant: str | None = None,
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
     a GGUF file, or a name: "gemma3-270m" (Google's Gemma 3 270M, from the optional
@@ -243,6 +253,7 @@ def load(
     `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: float32 on
     CPU, else `dtype`). With a `mesh`, each tensor goes straight from disk onto its shards
     under the named rule set (see `sharding.RULE_SETS`); no device ever holds the whole model.
+    `quant` ("w8a8" / "w8a16") quantizes the weights to int8 on load (see `gemma_jax.quant`).
     """
     from gemma_jax.checkpoint.resolve import open_checkpoint
 
@@ -251,4 +262,10 @@ def load(
     if layout is not None:
         put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
     config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)
-    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout)
+    if quant is not None:
+        from gemma_jax.quant import quantize_params
+
+        params = quantize_params(config, params, quant)
+        if layout is not None:
+            params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
+    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant)

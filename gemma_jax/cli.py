@@ -23,6 +23,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", help="device mesh, e.g. 'tensor=8' or 'data=2,fsdp=2,tensor=2' (default: one device)")
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
+    parser.add_argument("--quant", choices=["w8a8", "w8a16"], help="quantize the weights to int8 on load")
 
 
 def _load_model(args: argparse.Namespace):
@@ -36,7 +37,7 @@ def _load_model(args: argparse.Namespace):
     distributed.initialize(force=args.distributed)
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
-    return load(args.ckpt, dtype=dtype, mesh=mesh)
+    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant)
 
 
 def _generate(args: argparse.Namespace) -> None:

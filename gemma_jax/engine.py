@@ -66,7 +66,7 @@ class Engine:
         stops = np.full(8, -1, np.int32)
         stops[: len(stop_ids)] = stop_ids
         self.sampling = dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
-        self.static = dict(config=model.config, dtype=model.compute_dtype, sampler=sampler, layout=model.layout)
+        self.static = dict(config=model.config, dtype=model.compute_dtype, sampler=sampler, layout=model.layout, quant=model.quant)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Serve `requests` in order of arrival; yields each one as it finishes."""

@@ -68,6 +68,7 @@ def generate(
     on_tokens: TokenCallback | None = None,
     chunk: int = 8,
     layout: Layout | None = None,
+    quant: str | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
@@ -99,7 +100,7 @@ def generate(
     stops[: len(stop_ids)] = stop_ids
     limits = np.where(np.arange(batch) < len(prompts), max_new, 0).astype(np.int32)  # padding rows: done at once
     sampling = dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
-    static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout)
+    static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout, quant=quant)
 
     state = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
     outputs, host_stop = [], np.zeros(batch, bool)
@@ -116,7 +117,7 @@ def generate(
     return Generation([out[r][out[r] >= 0].tolist() for r in rows], ["stop" if stopped[r] else "length" for r in rows])
 
 
-_STATIC = ("config", "dtype", "sampler", "layout")
+_STATIC = ("config", "dtype", "sampler", "layout", "quant")
 
 
 def _sample(sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
@@ -125,14 +126,14 @@ def _sample(sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("cache_len",))
-def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, sampler, layout, cache_len) -> DecodeState:
+def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, sampler, layout, quant, cache_len) -> DecodeState:
     """Run the prompts through the model, filling a fresh cache, and sample each row's first token."""
     with activate(layout):
         batch, length = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         segments = (positions < lengths[:, None]).astype(jnp.int32)
         cache = init_cache(config, batch, cache_len, dtype)
-        model = Transformer(config, dtype)
+        model = Transformer(config, dtype, quant=quant)
         logits, cache = model.apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
         count = jnp.zeros(batch, jnp.int32)
         token = _sample(sampler, logits, keys, count, sampling)
@@ -145,9 +146,9 @@ def _replicate_flags(state: DecodeState) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
-def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, dtype, sampler, layout, out_len):
+def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, dtype, sampler, layout, quant, out_len):
     """Emit tokens and decode until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
-    model = Transformer(config, dtype)
+    model = Transformer(config, dtype, quant=quant)
 
     def emit(state: DecodeState, out, i):
         is_stop = jnp.isin(state.token, sampling["stop_ids"])
