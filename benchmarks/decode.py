@@ -13,24 +13,35 @@ What it measures, per batch size B (greedy decoding, random prompts of --prompt-
     and a numpy copy over 1 GiB (best of 5 each). "compute %" = the step's matmul FLOPs / step time
     / the best f32 rate of a 2048^3 jax matmul: on few cores decode at B >= 8 is compute-bound.
   * transformers: the same checkpoint directory and prompts in PyTorch eager
-    (attn_implementation="eager", same dtype, torch threads = cores), timed the same way with
+    (attn_implementation="eager", same dtype, torch threads = --threads), timed the same way with
     generate(do_sample=False, min_new_tokens=N, max_new_tokens=N) after a 2-token warm-up run;
-    "ratio" = ours / transformers.
+    "ratio" = ours / transformers. A GGUF checkpoint is read by transformers' own GGUF loader
+    (dequantized to --dtype).
+  * llama.cpp (llama-cpp-python, batch 1 only: its high-level API decodes one sequence): the
+    GGUF of the same model (--gguf, or the checkpoint itself when it is a GGUF file, e.g.
+    `--ckpt gemma3-270m`), plus GGUFs that `save_gguf` writes from the loaded weights at the
+    --gguf-export types (f32 is the same width as our float32). Same prompt (batch row 0), greedy
+    via `Llama.generate(temp=0)`, --threads threads, timed like ours after a 2-token warm-up; BW util
+    counts the file's tensor bytes plus an F16 KV cache. "ratio llama" = ours / llama.cpp decode.
 
-Without --ckpt a random model is built from --preset with --layers layers and saved once with
-`save_hf` to a temporary directory, so both frameworks load the very same weights. Example:
+--ckpt is a Hugging Face directory, a GGUF file, or a name: "gemma3-270m" (the real model of
+the `gemma3` extra) or "tiny". Without --ckpt a random model is built from --preset with
+--layers layers and saved once with `save_hf` to a temporary directory, so every framework
+loads the very same weights. Examples:
 
     python benchmarks/decode.py --preset gemma2-2b --layers 2 --batch 1 8 --new-tokens 16
+    python benchmarks/decode.py --ckpt gemma3-270m --batch 1 8 16 --gguf-export f32 q8_0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -38,13 +49,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma_jax
+from gemma_jax.checkpoint.gguf import _Reader, save_gguf
 from gemma_jax.checkpoint.hf import save_hf
+from gemma_jax.checkpoint.resolve import GEMMA3_270M, packaged_gemma3_270m
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
 from gemma_jax.model import init_params
 from gemma_jax.sampling import Sampler
+from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
 Times = dict[int, dict[str, float]]  # batch -> {"t1", "tN", "compile", "hf_t1", "hf_tN"} seconds
+LlamaRow = dict[str, object]  # one llama.cpp GGUF: {"name", "type", "bytes", "t1", "tN"}
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> float:
@@ -72,6 +87,22 @@ def machine_rates() -> tuple[float, str, float]:
     return rates[how], f"{how}; " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items()) + " GB/s", flops
 
 
+def busy_cores(seconds: float = 1.0) -> float:
+    """Cores' worth of CPU time that other processes use, from /proc/stat over `seconds` (NaN off Linux)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        (total0, idle0), _ = sample(), time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def random_checkpoint(args: argparse.Namespace, root: str) -> Path:
     config = GemmaConfig.from_preset(args.preset)
     config = config.replace(num_layers=args.layers or config.num_layers, vocab_size=args.vocab or config.vocab_size)
@@ -79,15 +110,41 @@ def random_checkpoint(args: argparse.Namespace, root: str) -> Path:
     return save_hf(Path(root) / "model", config, params)
 
 
-def step_cost(config: GemmaConfig, n_params: int, batch: int, context: float, itemsize: int) -> tuple[float, float]:
-    """(bytes read, matmul FLOPs) of one decode step over `context` tokens of KV cache."""
+def checkpoint_path(name: str) -> Path:
+    """A --ckpt value as a path: the names "gemma3-270m" and "tiny" resolve as `gemma_jax.load` resolves them."""
+    if name == GEMMA3_270M:
+        return packaged_gemma3_270m()
+    if name == TINY_NAME:
+        return tiny_checkpoint()
+    return Path(name).expanduser()
+
+
+def step_cost(
+    config: GemmaConfig, n_params: int, batch: int, context: float, itemsize: int, weight_bytes: float | None = None
+) -> tuple[float, float]:
+    """(bytes read, matmul FLOPs) of one decode step over `context` tokens of KV cache (at `itemsize`);
+    the weights count n_params * itemsize bytes unless `weight_bytes` is given (a quantized file)."""
     norms = config.embed_dim * (2 + 2 * config.use_post_norms) * config.num_layers
     kv_bytes = attn_flops = 0.0
     for kind in config.layer_kinds:
         seen = min(context, config.sliding_window) if kind == "local" else context
         kv_bytes += 2 * batch * seen * config.num_kv_heads * config.head_dim * itemsize
         attn_flops += 4 * batch * seen * config.num_heads * config.head_dim
-    return n_params * itemsize + kv_bytes, 2 * batch * (n_params - norms) + attn_flops
+    weights = n_params * itemsize if weight_bytes is None else weight_bytes
+    return weights + kv_bytes, 2 * batch * (n_params - norms) + attn_flops
+
+
+@contextlib.contextmanager
+def fast_gguf_reader() -> Iterator[None]:
+    """transformers parses GGUF with `gguf.GGUFReader`; hand it ours (the same parser without np.memmap's
+    slicing overhead, which costs about a minute on Gemma 3's 262k token strings)."""
+    import gguf
+
+    original, gguf.GGUFReader = gguf.GGUFReader, _Reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 def time_ours(model: gemma_jax.Gemma, prompts: dict[int, np.ndarray], n_new: int, repeats: int) -> Times:
@@ -116,10 +173,14 @@ def time_transformers(ckpt: Path, args: argparse.Namespace, prompts: dict[int, n
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     dtype = getattr(torch, args.dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="eager").eval()
+    where = (ckpt.parent, {"gguf_file": ckpt.name}) if ckpt.is_file() else (ckpt, {})  # a GGUF file or an HF dir
+    with fast_gguf_reader():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            where[0], **where[1], dtype=dtype, attn_implementation="eager"
+        ).eval()
     notes = []
     for b, ids in prompts.items():
         x = torch.as_tensor(ids)
@@ -137,9 +198,55 @@ def time_transformers(ckpt: Path, args: argparse.Namespace, prompts: dict[int, n
     return notes
 
 
+def gguf_bytes(path: Path) -> tuple[int, str]:
+    """(tensor bytes, the types of its matrices) of a GGUF file."""
+    tensors = _Reader(path).tensors
+    kinds = sorted({t.tensor_type.name for t in tensors if len(t.shape) > 1})
+    return sum(int(t.n_bytes) for t in tensors), "+".join(kinds)
+
+
+def time_llama_cpp(path: Path, prompt: np.ndarray, n_new: int, repeats: int, threads: int) -> dict[str, float]:
+    """Batch-1 greedy prefill and decode times of llama.cpp on a GGUF file (as `time_ours`)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=bucket(len(prompt) + n_new), n_batch=len(prompt), n_ubatch=len(prompt),
+        n_threads=threads, n_threads_batch=threads, verbose=False,
+    )  # fmt: skip
+    ids = [int(t) for t in prompt]
+
+    def run(n: int) -> None:
+        llm.reset()  # no reuse of the previous run's KV cache
+        for i, _ in enumerate(llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0), 1):
+            if i == n:
+                break
+
+    run(2)  # warm-up
+    times = {"t1": best_time(lambda: run(1), repeats), "tN": best_time(lambda: run(n_new), repeats)}
+    llm.close()
+    return times
+
+
+def llama_cpp_files(
+    args: argparse.Namespace, ckpt: Path, model: gemma_jax.Gemma, root: str, notes: list[str]
+) -> list[tuple[str, Path]]:
+    """(label, path) of each GGUF llama.cpp runs: --gguf (or the checkpoint itself), then --gguf-export types."""
+    files = []
+    given = Path(args.gguf).expanduser() if args.gguf else ckpt if ckpt.is_file() else None
+    if given is not None:
+        files.append((given.name, given))
+    if args.gguf_export and model.tokenizer is None:  # a GGUF carries its tokenizer; llama.cpp needs one
+        notes.append("--gguf-export skipped: this checkpoint has no tokenizer")
+        return files
+    for kind in args.gguf_export:
+        dest = save_gguf(Path(root) / f"export-{kind}.gguf", model.config, model.params, model.tokenizer, type=kind)
+        files.append((f"ours as {kind}", dest))
+    return files
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ckpt", help="HF checkpoint directory (default: a random model from --preset)")
+    parser.add_argument("--ckpt", help="HF directory, GGUF file, 'gemma3-270m' or 'tiny' (default: random --preset)")
     parser.add_argument("--preset", default="gemma2-2b")
     parser.add_argument("--layers", type=int, default=4, help="layers of the random model (0: the preset's)")
     parser.add_argument("--vocab", type=int, default=0, help="vocabulary of the random model (0: the preset's)")
@@ -149,45 +256,85 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--gguf", help="llama.cpp: a GGUF of the same model (default: --ckpt when it is a GGUF)")
+    parser.add_argument("--gguf-export", nargs="*", default=[], choices=["f32", "f16", "bf16", "q8_0"],
+                        help="llama.cpp: also time GGUFs that save_gguf writes from our weights at these types")
+    parser.add_argument("--skip-llama-cpp", action="store_true")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="cores for every engine: the process is pinned to this many (XLA sizes its pool from "
+                             "them), torch and llama.cpp get as many threads (default: all)")  # fmt: skip
     args = parser.parse_args()
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])  # before jax starts its CPU backend
     T, N, notes = args.prompt_len, args.new_tokens, []
+    busy_at_start = busy_cores()  # before this run's own work
     bandwidth, bandwidth_how, peak_flops = machine_rates()  # first, while memory is free
 
+    llama: list[LlamaRow] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(args, tmp)
+        ckpt = checkpoint_path(args.ckpt) if args.ckpt else random_checkpoint(args, tmp)
         model = gemma_jax.load(ckpt, dtype=args.dtype, compute_dtype=args.dtype)
         config, n_params = model.config, sum(x.size for x in jax.tree.leaves(model.params))
         rng = np.random.default_rng(0)
         prompts = {b: rng.integers(3, config.vocab_size, (b, T)) for b in args.batch}
         times = time_ours(model, prompts, N, args.repeats)
+        gguf_files = [] if args.skip_llama_cpp else llama_cpp_files(args, ckpt, model, tmp, notes)
         del model
         if args.skip_transformers:
             notes.append("transformers not run (--skip-transformers)")
         else:
             notes += time_transformers(ckpt, args, prompts, times)
+        if args.skip_llama_cpp:
+            notes.append("llama.cpp not run (--skip-llama-cpp)")
+        elif not gguf_files:
+            notes.append("llama.cpp not run: no GGUF of this model (--gguf PATH, or --gguf-export f32)")
+        for label, path in gguf_files:
+            try:
+                nbytes, kinds = gguf_bytes(path)
+                llama.append({"name": label, "type": kinds, "bytes": nbytes,
+                              **time_llama_cpp(path, prompts[min(prompts)][0], N, args.repeats, args.threads)})  # fmt: skip
+            except Exception as e:  # ImportError included: keep the rest of the report
+                notes.append(f"llama.cpp failed on {label}: {type(e).__name__}: {e}")
 
-    itemsize, context, cores = jnp.dtype(args.dtype).itemsize, T + N / 2, os.cpu_count()
+    itemsize, context, cores = jnp.dtype(args.dtype).itemsize, T + N / 2, args.threads
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"machine: {cores} cores (load average {load} at the end), jax {jax.__version__} on {jax.default_backend()}")
+    print(f"machine: {cores} of {os.cpu_count()} cores used ({busy_at_start:.2f} busy with other work at the start, "
+          f"load average {load} at the end), "
+          f"jax {jax.__version__} on {jax.default_backend()}")  # fmt: skip
     print(f"  bandwidth {bandwidth / 1e9:.1f} GB/s ({bandwidth_how}), f32 matmul {peak_flops / 1e9:.0f} GFLOP/s")
     shape = f"D={config.embed_dim} F={config.mlp_dim} heads={config.num_heads}/{config.num_kv_heads}x{config.head_dim}"
     print(f"model: {args.ckpt or 'random ' + args.preset}, {config.model_type}, {config.num_layers} layers, {shape}, "
           f"V={config.vocab_size}; {n_params / 1e6:.0f}M params = {n_params * itemsize / 1e9:.2f} GB in {args.dtype}")
     print(f"run: prompt {T} tokens, {N} new tokens, greedy; KV cache counted at {context:.0f} tokens of context\n")
     head = ["batch", "compile s", "prefill tok/s", "decode tok/s", "step ms", "BW util %", "compute %",
-            "HF prefill", "HF decode", "ratio prefill", "ratio decode"]  # fmt: skip
+            "HF prefill", "HF decode", "ratio prefill", "ratio decode", "llama decode", "ratio llama"]  # fmt: skip
     print("  ".join(f"{h:>13}" for h in head))
     nan = float("nan")
+    rate = lambda b, t1, tN: b * (N - 1) / (tN - t1) if N > 1 and tN > t1 else nan  # noqa: E731
+    llama_dec = rate(1, llama[0]["t1"], llama[0]["tN"]) if llama else nan  # batch 1 only
     for b, r in times.items():
-        step = (r["tN"] - r["t1"]) / (N - 1) if N > 1 and r["tN"] > r["t1"] else nan
+        dec = rate(b, r["t1"], r["tN"])
         nbytes, flops = step_cost(config, n_params, b, context, itemsize)
         hf_pre = b * T / r["hf_t1"] if "hf_t1" in r else nan
-        hf_dec = b * (N - 1) / (r["hf_tN"] - r["hf_t1"]) if "hf_tN" in r and r["hf_tN"] > r["hf_t1"] else nan
-        pre, dec = b * T / r["t1"], b / step
+        hf_dec = rate(b, r["hf_t1"], r["hf_tN"]) if "hf_tN" in r else nan
+        pre, step, ll = b * T / r["t1"], b / dec, llama_dec if b == 1 else nan
         row = [b, r["compile"], pre, dec, step * 1e3, 100 * nbytes / step / bandwidth,
-               100 * flops / step / peak_flops, hf_pre, hf_dec, pre / hf_pre, dec / hf_dec]  # fmt: skip
+               100 * flops / step / peak_flops, hf_pre, hf_dec, pre / hf_pre, dec / hf_dec, ll, dec / ll]  # fmt: skip
         print("  ".join(f"{v:>13}" if isinstance(v, int) else f"{'-' if math.isnan(v) else f'{v:.3g}':>13}" for v in row))
-    if N < 2 or any(r["tN"] <= r["t1"] for r in times.values()):
+    if llama:
+        import llama_cpp
+
+        ours_1 = rate(1, times[1]["t1"], times[1]["tN"]) if 1 in times else nan
+        hf_1 = rate(1, times[1]["hf_t1"], times[1]["hf_tN"]) if "hf_tN" in times.get(1, {}) else nan
+        print(f"\nllama.cpp (llama-cpp-python {llama_cpp.__version__}), batch 1, {cores} threads; "
+              "ratios: ours / llama.cpp and transformers / llama.cpp decode at batch 1")  # fmt: skip
+        head = ["gguf", "matrices", "GB", "prefill tok/s", "decode tok/s", "step ms", "BW util %", "ours/llama", "HF/llama"]
+        print(f"{head[0]:>22}  {head[1]:>18}" + "".join(f"  {h:>13}" for h in head[2:]))
+        for r in llama:
+            dec = rate(1, r["t1"], r["tN"])
+            nbytes = step_cost(config, n_params, 1, context, 2, weight_bytes=r["bytes"])[0]  # F16 KV cache
+            row = [r["bytes"] / 1e9, T / r["t1"], dec, 1e3 / dec, 100 * nbytes * dec / bandwidth, ours_1 / dec, hf_1 / dec]
+            print(f"{r['name']:>22}  {r['type']:>18}" + "".join(f"  {'-' if math.isnan(v) else f'{v:.3g}':>13}" for v in row))
+    if N < 2 or any(r["tN"] <= r["t1"] for r in [*times.values(), *llama]):
         notes.append("decode rate not measurable where t_N <= t_1 (use more --new-tokens)")
     padded = [f"{b} -> {bucket(b, 1)}" for b in times if bucket(b, 1) != b]
     if padded:
@@ -195,6 +342,9 @@ def main() -> None:
     slots = bucket(T) + bucket(N)
     notes.append(f"prefill time includes first-token sampling; our decode step attends over all {slots} KV-buffer "
                  f"slots (prompt + new-token buckets), more than the {context:.0f} counted")  # fmt: skip
+    if busy_at_start > (os.cpu_count() or 1) - cores + 0.25:  # the engines' thread pools spin-wait at barriers
+        notes.append(f"other processes used {busy_at_start:.1f} of {os.cpu_count()} cores when this run started: "
+                     "every rate here is suspect (a preempted thread stalls its pool)")  # fmt: skip
     print("note: " + "; ".join(notes))
 
 
