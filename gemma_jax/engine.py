@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from gemma_jax.api import Gemma
-from gemma_jax.generate import DecodeState, _decode, _prefill, bucket
+from gemma_jax.generate import DecodeState, _decode, _prefill, bucket, sampling_args
 from gemma_jax.sampling import Sampler
 from sharding import to_host
 
@@ -63,9 +63,7 @@ class Engine:
         self.model, self.sampler, self.seed, self.chunk = model, sampler, seed, chunk
         self.slots = slots if model.layout is None else model.batch_rows(slots)
         self.max_len = max_len
-        stops = np.full(8, -1, np.int32)
-        stops[: len(stop_ids)] = stop_ids
-        self.sampling = dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
+        self.sampling = sampling_args(temperature, top_p, stop_ids)
         self.static = dict(config=model.config, dtype=model.compute_dtype, sampler=sampler, layout=model.layout, quant=model.quant)
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:

@@ -48,6 +48,15 @@ class Generation:
     finish_reasons: list[str]  # "stop" (stop token or stop string) or "length"
 
 
+def sampling_args(temperature: float, top_p: float, stop_ids: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The traced sampling inputs of `_prefill`/`_decode`; stop ids padded to a fixed size (one compilation)."""
+    if len(stop_ids) > _MAX_STOP_IDS:
+        raise ValueError(f"at most {_MAX_STOP_IDS} stop token ids are supported, got {len(stop_ids)}")
+    stops = np.full(_MAX_STOP_IDS, -1, np.int32)
+    stops[: len(stop_ids)] = stop_ids
+    return dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
+
+
 def bucket(n: int, minimum: int = 16) -> int:
     """Round up to a power of two so that nearby shapes share one compilation."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -83,8 +92,6 @@ def generate(
         raise ValueError(f"prompt of {longest} tokens does not fit the context of {config.max_position} tokens")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if len(stop_ids) > _MAX_STOP_IDS:
-        raise ValueError(f"at most {_MAX_STOP_IDS} stop token ids are supported, got {len(stop_ids)}")
     max_new = min(max_new_tokens, config.max_position - longest)
 
     batch, length, new = bucket(len(prompts), 1), bucket(longest), bucket(max_new)
@@ -96,10 +103,8 @@ def generate(
         tokens[row, : len(prompt)] = prompt
         lengths[row] = len(prompt)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
-    stops = np.full(_MAX_STOP_IDS, -1, np.int32)
-    stops[: len(stop_ids)] = stop_ids
     limits = np.where(np.arange(batch) < len(prompts), max_new, 0).astype(np.int32)  # padding rows: done at once
-    sampling = dict(temperature=np.float32(temperature), top_p=np.float32(top_p), stop_ids=stops)
+    sampling = sampling_args(temperature, top_p, stop_ids)
     static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout, quant=quant)
 
     state = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
