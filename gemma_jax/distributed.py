@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def initialize(force: bool = False) -> None:
@@ -30,3 +32,10 @@ def initialize(force: bool = False) -> None:
 def is_leader() -> bool:
     """True on the process that prints and writes (process 0)."""
     return jax.process_index() == 0
+
+
+def from_leader(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` on every process: decisions that depend on files only the leader may read."""
+    if jax.process_count() == 1:
+        return values
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))

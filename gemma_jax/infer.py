@@ -6,7 +6,8 @@ result is appended, flushed and fsynced as its request finishes, before decoding
 so a killed job loses at most the requests in flight; rerunning the same command
 skips the ids already in the output (a torn last line is cut off first). Bad input lines are
 reported with their line numbers and skipped (or, with `strict`, fail before any generation).
-On multi-host runs every process reads the inputs and runs the engine; only process 0 writes.
+On multi-host runs every process reads the inputs and runs the engine; only process 0 reads
+and writes the output file, and its view of what is already done is broadcast to the others.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from gemma_jax.api import Gemma
+from gemma_jax.distributed import from_leader
 from gemma_jax.engine import Engine, Finished, Request
 from gemma_jax.generate import bucket
 from gemma_jax.sampling import Sampler
@@ -108,8 +112,9 @@ def run_job(
 ) -> JobSummary:
     """Generate a completion for every input id not yet in the output file."""
     requests, rejected = read_requests(model, input_path, max_new_tokens=max_new_tokens, strict=strict, report=report)
-    done_before = completed_ids(output_path)
-    todo = sorted((r for r in requests if r.id not in done_before), key=lambda r: len(r.prompt))  # bucket-friendly
+    done_before = completed_ids(output_path) if write else set()
+    done = from_leader(np.array([r.id in done_before for r in requests], bool))  # the writer's file decides
+    todo = sorted((r for r, d in zip(requests, done) if not d), key=lambda r: len(r.prompt))  # bucket-friendly
     summary = JobSummary(0, len(requests) - len(todo), rejected, 0, 0)
     if on_start is not None:
         on_start(len(todo))
@@ -121,7 +126,7 @@ def run_job(
         temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(),
     )  # fmt: skip
     with open(output_path, "a", encoding="utf-8") if write else open(os.devnull, "w") as out:
-        for result in _flushing(engine.run(todo), out):
+        for result in _flushing(engine.run(todo), out) if write else engine.run(todo):
             text = model.tokenizer.decode(result.tokens)
             line = dict(id=result.id, completion=text, prompt_tokens=result.prompt_tokens,
                         completion_tokens=len(result.tokens), finish_reason=result.finish_reason)  # fmt: skip
