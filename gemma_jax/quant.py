@@ -24,6 +24,11 @@ input into up's output channels. On the real Gemma 3 270M this halves W8A8's KL 
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -65,29 +70,56 @@ def quantize_params(
     """The int8 tree of a float param tree (see the module docstring). `scheme`: "w8a8" or "w8a16".
 
     `calibration` (W8A8 only): token ids [B T] of representative text, for SmoothQuant; without
-    it W8A8 is plain per-token x per-channel int8. Which leaves become int8, and each scale's
-    shape, come from the model itself (its quantized init), so this follows the model's layers.
+    it W8A8 is plain per-token x per-channel int8.
     """
+    factors, norms = smoothing(config, params, scheme, calibration, alpha)
+    flat = flatten_dict(params)
+    return unflatten_dict(dict(quantized_leaves(config, flat.__getitem__, scheme, factors, norms)))
+
+
+def smoothing(
+    config: GemmaConfig, params: Any, scheme: str, calibration: np.ndarray | None, alpha: float = SMOOTH_ALPHA
+) -> tuple[Factors, dict[ParamPath, Array]]:
+    """SmoothQuant's (factors, norms) for `quantized_leaves`, from calibration tokens; none without them."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    factors: Factors = {}
-    norms: dict[ParamPath, Array] = {}
-    if calibration is not None:
-        if scheme != "w8a8":
-            raise ValueError("calibration (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
-        factors, norms = smooth(config, params, input_absmax(config, params, calibration), alpha)
-    layout = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=scheme)))
-    weights = [path for path, leaf in layout.items() if leaf.dtype == jnp.int8]
-    scales = {path: path[:-1] + ("scale",) for path in weights}
-    flat = flatten_dict(params)
-    out = {path: norms.get(path, flat[path]) for path in layout if path not in scales and path not in scales.values()}
-    for path, scale_path in scales.items():
-        w = flat[path]
+    if calibration is None:
+        return {}, {}
+    if scheme != "w8a8":
+        raise ValueError("calibration (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
+    return smooth(config, params, input_absmax(config, params, calibration), alpha)
+
+
+def quantized_leaves(
+    config: GemmaConfig, read: Callable[[ParamPath], Array], scheme: str, factors: Factors = {}, norms: Mapping = {}
+) -> Iterator[tuple[ParamPath, Array]]:
+    """(path, leaf) of the int8 tree, reading each float param once through `read(path)`: streams a checkpoint.
+
+    Which leaves become int8, and each scale's shape, come from the model itself (its quantized
+    init), so this follows the model's layers.
+    """
+    layout = quantized_layout(config, scheme)
+    for path, leaf in layout.items():
+        if path[-1] == "scale" and path[:-1] + ("w",) in layout or path == ("embedder", "scale"):
+            continue  # written with its weight
+        if leaf.dtype != jnp.int8:
+            yield path, norms.get(path, read(path))
+            continue
+        scale_path = path[:-1] + ("scale",)
         n = len(layout[scale_path].shape)  # output dims
+        w = read(path)
         # Einsum weights contract their leading dims; the embedding's rows are its output channels.
         axes = tuple(range(n, w.ndim)) if path[-1] == "embedding" else tuple(range(w.ndim - n))
-        out[path], out[scale_path] = quantize_weight(w, axes, factors.get(path, ()))
-    return unflatten_dict(out)
+        q, scale = quantize_weight(w, axes, factors.get(path, ()))
+        yield path, q
+        yield scale_path, scale
+
+
+def quantized_layout(config: GemmaConfig, scheme: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+    """Path -> shape and dtype of every leaf of the int8 tree (int8 weights, float32 scales, float norms)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=scheme)))
 
 
 def input_absmax(config: GemmaConfig, params: Any, tokens: np.ndarray) -> dict[ParamPath, Array]:
@@ -165,3 +197,73 @@ def smooth(
 def tree_bytes(tree: Any) -> int:
     """Bytes held by a pytree of arrays (what a checkpoint of it stores, before file overheads)."""
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    scheme: str,
+    dtype: str = "bfloat16",
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_tokens: int = 1024,
+    ctx: int = 512,
+    alpha: float = SMOOTH_ALPHA,
+    force: bool = False,
+    quiet: bool = False,
+) -> str:
+    """`gemma-jax quantize`: any checkpoint -> an int8 Orbax checkpoint of ours; returns the summary line.
+
+    Without calibration the source streams one tensor at a time (memory: about the largest
+    tensor). With a `calibration` text file (W8A8: SmoothQuant) the float model is held in memory
+    to measure activations on `calibration_tokens` tokens of it, in rows of `ctx`. Non-int8
+    leaves (norms) keep `dtype` (SmoothQuant's rescaled norms: float32); scales are float32.
+    `gemma_jax.load(dst, mesh=...)` restores the result sharded.
+    """
+    from tqdm import tqdm
+
+    from gemma_jax.checkpoint.hf import collect
+    from gemma_jax.checkpoint.orbax import write_orbax
+    from gemma_jax.checkpoint.resolve import checkpoint_path
+    from gemma_jax.convert import open_source, peak_rss
+    from gemma_jax.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    if Path(dst).exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    if calibration is not None and scheme != "w8a8":
+        raise ValueError("a calibration text (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
+    if scheme == "w8a8" and calibration is None and not quiet:
+        print("note: W8A8 without --calibration skips SmoothQuant; on Gemma 3 270M that cost +2.9% perplexity "
+              "instead of +0.8-1.4% (benchmarks/quant_quality.py)", file=sys.stderr)  # fmt: skip
+    source = open_source(checkpoint_path(src), dtype=dtype)
+    config, specs = source.config, {s.path: s for s in source.specs.values()}
+    if calibration is None:
+        read = lambda path: source.read(specs[path])
+        factors, norms = smoothing(config, None, scheme, None)
+    else:
+        if source.tokenizer is None:
+            raise ValueError(f"{src} has no tokenizer.model to encode the calibration text {calibration} with")
+        ids = Tokenizer(source.tokenizer).encode(Path(calibration).read_text(encoding="utf-8"), add_bos=True)
+        rows = min(calibration_tokens, len(ids)) // ctx
+        if rows == 0:
+            raise ValueError(f"calibration text {calibration} has {len(ids)} tokens; at least --ctx={ctx} are needed")
+        params = collect(source, lambda _, x: jnp.asarray(x))
+        factors, norms = smoothing(config, params, scheme, np.asarray(ids[: rows * ctx]).reshape(rows, ctx), alpha)
+        read = flatten_dict(params).__getitem__
+    leaves = quantized_leaves(config, read, scheme, factors, norms)
+    written = [0]
+
+    def metered(items: Iterator[tuple[ParamPath, Array]]) -> Iterator[tuple[ParamPath, Array]]:
+        for path, x in tqdm(items, total=len(quantized_layout(config, scheme)), unit="tensor", desc=f"quantize {scheme}",
+                            disable=quiet, file=sys.stderr):  # fmt: skip
+            written[0] += x.nbytes
+            yield path, x
+
+    write_orbax(dst, config, metered(leaves), source.tokenizer, quant=scheme, overwrite=force)
+    seconds = time.perf_counter() - start
+    line = (f"quantized {src} ({scheme}{', SmoothQuant' if calibration else ''}): {source.nbytes / 1e9:.2f} GB -> "
+            f"{written[0] / 1e9:.2f} GB ({written[0] / source.nbytes:.0%}) in {seconds:.1f} s; peak RSS {peak_rss() / 1e9:.2f} GB")  # fmt: skip
+    if not quiet:
+        print(line, file=sys.stderr)
+    return line

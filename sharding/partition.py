@@ -72,9 +72,14 @@ def activate(layout: Layout | None) -> Iterator[None]:
         _active.layout = previous
 
 
+def active_layout() -> Layout | None:
+    """The layout `activate` set for the code being traced (None outside any)."""
+    return getattr(_active, "layout", None)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Pin an activation's layout (by logical axis names) under the active layout; identity otherwise."""
-    layout: Layout | None = getattr(_active, "layout", None)
+    layout = active_layout()
     if layout is None:
         return x
     return jax.lax.with_sharding_constraint(x, layout.sharding(axes, x.shape))

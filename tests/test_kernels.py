@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer, init_cache, init_params
-from gemma_jax.kernels import dispatch, gpu, int8_einsum, quantize_rows, reference, resolve_backend, tpu, use_backend
+from gemma_jax.model import Transformer, init_cache, init_params, param_axes
+from gemma_jax.kernels import dispatch, gpu, int8_einsum, quantize_rows, reference, resolve_backend, split_of, tpu, use_backend
 from gemma_jax.kernels import w8a8_matmul, w8a16_matmul
 
 # (M, K, N): M = 1 and decode-sized rows, K and N off the 128 grid, several blocks per axis.
@@ -184,6 +184,33 @@ def test_quantized_model_lowers_for_tpu(preset, scheme):
         assert text.count("custom_call @tpu_custom_call") == len(set(calls))
 
 
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+def test_sharded_quantized_model_lowers_for_tpu(scheme):
+    """On a (data=2, tensor=4) mesh the int8 model still lowers to Mosaic kernels, one per projection, run per
+    shard: partial sums meet in all-reduces and no weight is all-gathered."""
+    from sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
+
+    config = GemmaConfig.from_preset("gemma2-9b").replace(num_layers=2)
+    layout = Layout(make_mesh("data=2,tensor=4"), INFERENCE)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.bfloat16, quant=scheme))
+    shardings = tree_shardings(layout, param_axes(config, scheme), params)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    net = Transformer(config, jnp.bfloat16, jnp.bfloat16, quant=scheme)
+
+    def forward(params, tokens):
+        with activate(layout):
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+            return net.apply({"params": params}, tokens, positions, jnp.ones_like(tokens))[0]
+
+    for batch, length in ((2, 512), (8, 1)):
+        tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=layout.sharding(("act_batch", None), (batch, length)))
+        with use_backend("tpu", interpret=False):
+            exported = jax.export.export(jax.jit(forward), platforms=("tpu",))(params, tokens)
+        text = exported.mlir_module()
+        assert exported.nr_devices == 8 and len(re.findall(r"call @(matmul\w*)\(", text)) == 7 * config.num_layers + 1
+        assert "tpu_custom_call" in text and "all_reduce" in text and "all_gather" not in text
+
+
 @pytest.mark.parametrize("preset", GEMMA2)
 def test_gpu_kernels_lower_for_cuda(preset):
     """The Triton variant lowers too (compiled to PTX only by XLA on a GPU), one M per block regime."""
@@ -209,19 +236,26 @@ def test_default_blocks_fit_gemma_shapes_without_weight_padding():
 
 
 def test_platform_defaults():
-    """Pallas on TPU v5e+ unsharded; XLA on v4 (no int8 MXU gain), GPU (kernel unmeasured), CPU, and under a mesh."""
-    assert dispatch.platform_default("tpu", "TPU v5 lite", sharded=False) == "tpu"
-    assert dispatch.platform_default("tpu", "TPU v6e", sharded=True) == "xla"  # pallas_call is opaque to GSPMD
-    assert dispatch.platform_default("tpu", "TPU v4", sharded=False) == "xla"
-    assert dispatch.platform_default("gpu", "NVIDIA H100 80GB HBM3", sharded=False) == "xla"
-    assert dispatch.platform_default("cpu", "cpu", sharded=False) == "xla"
+    """Pallas on TPU v5e+ (per shard on a mesh); XLA on v4 (no int8 MXU gain), GPU (kernel unmeasured) and CPU."""
+    assert dispatch.platform_default("tpu", "TPU v5 lite") == "tpu"
+    assert dispatch.platform_default("tpu", "TPU v6e") == "tpu"
+    assert dispatch.platform_default("tpu", "TPU v4") == "xla"
+    assert dispatch.platform_default("gpu", "NVIDIA H100 80GB HBM3") == "xla"
+    assert dispatch.platform_default("cpu", "cpu") == "xla"
 
 
-def test_sharded_layout_is_detected():
-    from sharding import INFERENCE, Layout, activate, make_mesh
+def test_split_follows_the_layout():
+    """Which mesh axes split rows, contraction and output; None where shard_map cannot express the layout."""
+    from sharding import INFERENCE, TRAINING, Layout, activate, make_mesh
 
-    assert not dispatch._sharded()
+    assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4) is None  # no layout
     with activate(Layout(make_mesh("data=2,tensor=4"), INFERENCE)):
-        assert dispatch._sharded()
-    with activate(Layout(make_mesh("data=1", devices=jax.devices()[:1]), INFERENCE)):
-        assert not dispatch._sharded()
+        q = split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4)
+        o = split_of(("q_heads", "head_dim", "embed"), (8, 16, 64), (0, 1), 4)
+        assert (q.m, q.k, q.n) == (("data",), (), ("tensor",)) and (o.m, o.k, o.n) == (("data",), ("tensor",), ())
+        assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 3).m == ()  # 3 rows: not split
+    with activate(Layout(make_mesh("fsdp=2,tensor=4"), TRAINING)):
+        up = split_of(("embed", "mlp"), (64, 32), (0,), 4)  # embed on fsdp, which also splits rows: gathered
+        assert (up.m, up.k, up.n) == (("fsdp",), (), ("tensor",))
+    with activate(Layout(make_mesh("data=2,tensor=4"), (("head_dim", ("tensor",)),))):
+        assert split_of(("embed", "q_heads", "head_dim"), (64, 3, 16), (0,), 4) is None  # trailing dim split

@@ -34,7 +34,7 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType as Q
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from gemma_jax.checkpoint.hf import Put, _checked_leaves, _listing, _set
+from gemma_jax.checkpoint.hf import Put, checked_leaves, listing, set_path
 from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -96,7 +96,7 @@ def load_gguf(
         x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
         if np.may_share_memory(x, reader.data):  # an F32 tensor can still be a view of the mapped file
             x = x.copy()
-        _set(params, spec.path, x if put is None else put(spec.path, x))
+        set_path(params, spec.path, x if put is None else put(spec.path, x))
     return config, params, tokenizer
 
 
@@ -125,7 +125,7 @@ def save_gguf(
     meta = _metadata_for(config, tokenizer, type)
     _check_representable(config, _config_from_metadata(meta))
     specs = _gguf_specs(config)
-    leaves = _checked_leaves(params, specs)
+    leaves = checked_leaves(params, specs)
     qtypes = {name: _storage_type(spec, _SAVE[type][0]) for name, spec in specs.items()}
 
     writer = gguf.GGUFWriter(None, meta["general.architecture"])
@@ -179,10 +179,10 @@ def _storage_type(spec: TensorSpec, qtype: Q) -> Q:
 def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, TensorSpec], arch: str) -> None:
     unexpected = [name for name in tensors if name not in specs]
     if unexpected:
-        raise ValueError(f"{file}: unexpected tensors for this {arch} model: {_listing(unexpected)}")
+        raise ValueError(f"{file}: unexpected tensors for this {arch} model: {listing(unexpected)}")
     missing = [name for name in specs if name not in tensors]
     if missing:
-        raise ValueError(f"{file}: missing tensors {_listing(missing)}")
+        raise ValueError(f"{file}: missing tensors {listing(missing)}")
     for name, spec in specs.items():
         shape = tuple(int(d) for d in reversed(tensors[name].shape))  # GGUF lists ne (fastest first)
         if shape != spec.hf_shape:

@@ -79,7 +79,7 @@ class TensorSource:
     def __post_init__(self) -> None:
         wanted = {s.path for s in self.specs.values()}
         if set(self.dtypes) != wanted:
-            raise ValueError(f"tensor dtypes given for {_listing('/'.join(p) for p in set(self.dtypes) ^ wanted)}, "
+            raise ValueError(f"tensor dtypes given for {listing('/'.join(p) for p in set(self.dtypes) ^ wanted)}, "
                              "which is not the set of tensors the config implies")  # fmt: skip
         bad = sorted({np.dtype(d).name for d in self.dtypes.values()} - {d.name for d in FLOAT_DTYPES})
         if bad:
@@ -107,7 +107,7 @@ class TensorSource:
 
 def params_source(config: GemmaConfig, params: Mapping[str, Any], tokenizer: bytes | None = None) -> TensorSource:
     """A source over a param tree in memory (numpy or jax arrays); refuses missing, extra or mis-shaped params."""
-    leaves = _checked_leaves(params, tensor_specs(config))
+    leaves = checked_leaves(params, tensor_specs(config))
     return TensorSource(config, {p: np.dtype(x.dtype) for p, x in leaves.items()}, lambda s: leaves[s.path], tokenizer)
 
 
@@ -115,7 +115,7 @@ def collect(source: TensorSource, put: Put | None = None) -> dict[str, Any]:
     """Read a whole source into a param tree; `put(path, array)` may place each tensor (e.g. on devices) as it is read."""
     params: dict[str, Any] = {}
     for spec, x in source:
-        _set(params, spec.path, x if put is None else put(spec.path, x))
+        set_path(params, spec.path, x if put is None else put(spec.path, x))
     return params
 
 
@@ -357,7 +357,7 @@ def _shard_files(root: Path) -> list[Path]:
     found = sorted(p.name for p in root.glob("*.safetensors"))
     raise FileNotFoundError(
         f"no safetensors weights in {root}: expected {SINGLE_FILE} or {INDEX_FILE}"
-        + (f" (found {_listing(found)} without an index)" if found else "")
+        + (f" (found {listing(found)} without an index)" if found else "")
     )
 
 
@@ -389,11 +389,11 @@ def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], 
     expected = {name: s.hf_shape for name, s in specs.items()} | {TIED_HEAD: specs[EMBEDDING].hf_shape}
     unexpected = [f"{name} (in {loc.file.name})" for name, loc in located.items() if name not in expected]
     if unexpected:
-        raise ValueError(f"unexpected tensors for a {config.model_type} checkpoint: {_listing(unexpected)}")
+        raise ValueError(f"unexpected tensors for a {config.model_type} checkpoint: {listing(unexpected)}")
     missing = [name for name in specs if name not in located]
     if missing:
         files = sorted({loc.file.name for loc in located.values()})
-        raise ValueError(f"missing tensors {_listing(missing)} in {_listing(files)}")
+        raise ValueError(f"missing tensors {listing(missing)} in {listing(files)}")
     for name, loc in located.items():
         if loc.shape != expected[name]:
             raise ValueError(
@@ -408,10 +408,10 @@ def check_tree(found: Mapping[Any, Shape], expected: Mapping[Any, Shape], where:
     name = lambda k: "/".join(k) if isinstance(k, tuple) else str(k)
     unexpected = [name(k) for k in found if k not in expected]
     if unexpected:
-        raise ValueError(f"{where}: unexpected tensors {_listing(unexpected)}")
+        raise ValueError(f"{where}: unexpected tensors {listing(unexpected)}")
     missing = [name(k) for k in expected if k not in found]
     if missing:
-        raise ValueError(f"{where}: missing tensors {_listing(missing)}")
+        raise ValueError(f"{where}: missing tensors {listing(missing)}")
     for k, shape in expected.items():
         if tuple(found[k]) != tuple(shape):
             raise ValueError(f"{where}: tensor {name(k)} has shape {list(found[k])}, but the config implies {list(shape)}")
@@ -426,13 +426,15 @@ def _check_tied(located: Mapping[str, _Located]) -> None:
         )
 
 
-def _set(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
+def set_path(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating the nested dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
-def _listing(items: Iterable[str], limit: int = 5) -> str:
+def listing(items: Iterable[str], limit: int = 5) -> str:
+    """The first `limit` items, comma-separated, and how many more: for error messages."""
     items = list(items)
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -441,13 +443,13 @@ def _listing(items: Iterable[str], limit: int = 5) -> str:
 # --- saving helpers --------------------------------------------------------------------------
 
 
-def _checked_leaves(params: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> dict[ParamPath, Any]:
+def checked_leaves(params: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> dict[ParamPath, Any]:
     """Our path -> array for every spec, refusing missing, extra or mis-shaped params."""
     leaves = dict(_flatten(params))
     wanted = {s.path: s for s in specs.values()}
     extra = ["/".join(p) for p in leaves if p not in wanted]
     if extra:
-        raise ValueError(f"params have entries with no Hugging Face name: {_listing(extra)}")
+        raise ValueError(f"params have entries with no Hugging Face name: {listing(extra)}")
     for p, spec in wanted.items():
         if p not in leaves:
             raise ValueError(f"params lack {'/'.join(p)} (HF {spec.hf_name})")

@@ -2,7 +2,8 @@
 
 A checkpoint directory holds:
 
-    gemma_config.json  {"format": "gemma_jax", "version": 1, "config": {GemmaConfig fields}}
+    gemma_config.json  {"format": "gemma_jax", "version": 1, "config": {GemmaConfig fields},
+                        "quant": null, or "w8a8"/"w8a16" for an int8 tree (see gemma_jax/quant.py)}
     tokenizer.model    the sentencepiece model, when the source had one
     params/            an Orbax checkpoint of the params pytree ({"embedder": {"embedding": ...},
                        "layer_0": {"attn": {"q": {"w": ...}}, ...}, ...}), as orbax's v1 API
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
 from gemma_jax.checkpoint.hf import (
-    TOKENIZER_FILE, Shape, TensorSource, _set, check_tree, read_json, read_tokenizer, staged_dir,
+    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer, staged_dir,
 )  # fmt: skip
 from gemma_jax.checkpoint.names import ParamPath, tensor_specs
 from gemma_jax.config import GemmaConfig
@@ -75,6 +76,21 @@ def save_orbax(path: str | os.PathLike[str], source: TensorSource, *, overwrite:
     included, are saved by orbax from their shards. One process: the temporary directory that
     becomes `path` is private to the caller.
     """
+    leaves = ((spec.path, x) for spec, x in source)
+    return write_orbax(path, source.config, leaves, source.tokenizer, overwrite=overwrite)
+
+
+def write_orbax(
+    path: str | os.PathLike[str],
+    config: GemmaConfig,
+    leaves: Iterable[tuple[ParamPath, Any]],
+    tokenizer: bytes | None,
+    *,
+    quant: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write (param path, array) pairs as an Orbax checkpoint, in groups as they come; `quant` records an
+    int8 tree's scheme (see `gemma_jax.quant`), whose leaves are checked against the model's int8 layout."""
     with staged_dir(path, overwrite=overwrite) as tmp:
         target = tmp / PARAMS_DIR
         with _save_options():
@@ -82,8 +98,8 @@ def save_orbax(path: str | os.PathLike[str], source: TensorSource, *, overwrite:
             group: dict[str, Any] = {}
             size = 0
             try:
-                for spec, x in source:
-                    _set(group, spec.path, x)
+                for p, x in leaves:
+                    set_path(group, p, x)
                     size += x.nbytes
                     if size >= GROUP_BYTES:
                         writing = _save_async(writing, target, group)
@@ -94,15 +110,35 @@ def save_orbax(path: str | os.PathLike[str], source: TensorSource, *, overwrite:
                 if writing is not None:
                     writing.result()
             partial.finalize(target)
-        meta = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(source.config)}
+        _checked_metadata(target, config, quant)
+        meta = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config), "quant": quant}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if source.tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_bytes(source.tokenizer)
+        if tokenizer is not None:
+            (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
     return Path(path)
 
 
 def read_orbax_config(path: str | os.PathLike[str]) -> GemmaConfig:
     """The GemmaConfig of one of our Orbax checkpoint directories (reads only gemma_config.json)."""
+    file, meta = _read_meta(path)
+    try:
+        return GemmaConfig(**meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: invalid config: {e}") from e
+
+
+def stored_quant(path: str | os.PathLike[str]) -> str | None:
+    """The int8 scheme ("w8a8"/"w8a16") of a quantized checkpoint of ours (`gemma-jax quantize`), else None."""
+    from gemma_jax.kernels import SCHEMES
+
+    file, meta = _read_meta(path)
+    quant = meta.get("quant")
+    if quant is not None and quant not in SCHEMES:
+        raise ValueError(f"{file}: unknown quantization scheme {quant!r}; expected one of {', '.join(SCHEMES)}")
+    return quant
+
+
+def _read_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; an Orbax checkpoint of ours needs a {CONFIG_FILE}")
@@ -110,16 +146,17 @@ def read_orbax_config(path: str | os.PathLike[str]) -> GemmaConfig:
     if (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
         raise ValueError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, "
                          f"expected {FORMAT!r} version {VERSION}")  # fmt: skip
-    try:
-        return GemmaConfig(**meta["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{file}: invalid config: {e}") from e
+    return file, meta
 
 
 def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
-    """Open one of our Orbax checkpoints for streaming; `dtype` casts each tensor as orbax reads it."""
+    """Open one of our (float) Orbax checkpoints for streaming; `dtype` casts each tensor as orbax reads it."""
     root = Path(path)
     config = read_orbax_config(root)
+    quant = stored_quant(root)
+    if quant is not None:
+        raise ValueError(f"{root} holds int8 ({quant}) weights, which only gemma_jax.load restores; "
+                         "convert the float checkpoint it was quantized from instead")  # fmt: skip
     ckpt = root / PARAMS_DIR
     stored = _checked_metadata(ckpt, config)
     dtypes = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
@@ -134,17 +171,20 @@ def load_orbax(
 
     `sharding(path, shape)` gives each parameter's target sharding (default: the first local
     device); orbax reads only the parts each device holds, from whatever mesh the checkpoint
-    was saved with. `dtype` casts on restore (None keeps the stored dtypes).
+    was saved with. `dtype` casts on restore (None keeps the stored dtypes); a quantized
+    checkpoint keeps its stored dtypes (int8 weights, float32 scales), whatever `dtype`.
     """
     root = Path(path)
     config = read_orbax_config(root)
+    quant = stored_quant(root)
+    dtype = None if quant is not None else dtype
     ckpt = root / PARAMS_DIR
-    stored = _checked_metadata(ckpt, config)
+    stored = _checked_metadata(ckpt, config, quant)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     where = sharding or (lambda _p, _s: device)
     abstract: dict[str, Any] = {}
     for p, leaf in stored.items():
-        _set(abstract, p, jax.ShapeDtypeStruct(leaf.shape, np.dtype(dtype or leaf.dtype), sharding=where(p, leaf.shape)))
+        set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, np.dtype(dtype or leaf.dtype), sharding=where(p, leaf.shape)))
     try:
         params = ocp.load(ckpt, abstract)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
@@ -183,7 +223,7 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
     """One array of an Orbax PyTree checkpoint, as numpy in `leaf.dtype` (the key path must exist:
     see the module docstring)."""
     request: dict[str, Any] = {}
-    _set(request, keys, leaf)
+    set_path(request, keys, leaf)
     options = ocp.Context()
     options.pytree.loading.partial_load = True
     try:
@@ -196,10 +236,20 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
     return node
 
 
-def _checked_metadata(ckpt: Path, config: GemmaConfig) -> dict[ParamPath, HostArray]:
+def _checked_metadata(ckpt: Path, config: GemmaConfig, quant: str | None = None) -> dict[ParamPath, HostArray]:
+    """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness."""
     stored = leaf_metadata(ckpt)
-    check_tree({k: v.shape for k, v in stored.items()}, {s.path: s.shape for s in tensor_specs(config).values()},
-               f"{ckpt} (config in {ckpt.parent / CONFIG_FILE})")  # fmt: skip
+    if quant is None:
+        expected = {s.path: s.shape for s in tensor_specs(config).values()}
+    else:
+        from gemma_jax.quant import quantized_layout
+
+        layout = quantized_layout(config, quant)
+        expected = {p: tuple(leaf.shape) for p, leaf in layout.items()}
+        wrong = [p for p, leaf in layout.items() if p in stored and (stored[p].dtype == np.int8) != (leaf.dtype == np.int8)]
+        if wrong:
+            raise ValueError(f"{ckpt}: {'/'.join(wrong[0])} is {stored[wrong[0]].dtype}, which the {quant} layout does not have")
+    check_tree({k: v.shape for k, v in stored.items()}, expected, f"{ckpt} (config in {ckpt.parent / CONFIG_FILE})")
     return stored
 
 

@@ -32,20 +32,26 @@ def packaged_gemma3_270m() -> Path:
     return assemble()
 
 
+def checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint's path: names resolved (and "tiny" written on first use), "~" expanded."""
+    from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
+
+    name = str(path)
+    if name == GEMMA3_270M:
+        return packaged_gemma3_270m()
+    if name == TINY_NAME:
+        return tiny_checkpoint()
+    return Path(path).expanduser()
+
+
 def open_checkpoint(
     path: str | os.PathLike, *, dtype: npt.DTypeLike | None = None, put: Put | None = None
 ) -> tuple[GemmaConfig, dict, Tokenizer | None]:
     """Load any supported checkpoint (see `convert.detect_format`), tensor by tensor, through `put(param_path, array)`."""
     from gemma_jax.checkpoint.hf import collect
     from gemma_jax.convert import open_source
-    from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
-    name = str(path)
-    if name == GEMMA3_270M:
-        path = packaged_gemma3_270m()
-    elif name == TINY_NAME:
-        path = tiny_checkpoint()
-    source = open_source(Path(path).expanduser())
+    source = open_source(checkpoint_path(path))
     cast = None if dtype is None else np.dtype(dtype)
     params = collect(source, lambda p, x: (put or (lambda _, y: y))(p, np.asarray(x).astype(cast or x.dtype, copy=False)))
     return source.config, params, None if source.tokenizer is None else Tokenizer(source.tokenizer)

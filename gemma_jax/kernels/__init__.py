@@ -5,10 +5,11 @@ float32 scales; `int8_einsum` maps a projection's einsum onto them; `use_backend
 which implementation runs (see `dispatch`).
 """
 
-from gemma_jax.kernels.dispatch import BACKENDS, resolve_backend, use_backend, w8a8_matmul, w8a16_matmul
+from gemma_jax.kernels.dispatch import BACKENDS, Split, resolve_backend, split_of, use_backend, w8a8_matmul, w8a16_matmul
 from gemma_jax.kernels.einsum import SCHEMES, int8_einsum
 from gemma_jax.kernels.reference import quantize_rows
 
 __all__ = [
-    "BACKENDS", "SCHEMES", "int8_einsum", "quantize_rows", "resolve_backend", "use_backend", "w8a8_matmul", "w8a16_matmul",
+    "BACKENDS", "SCHEMES", "Split", "int8_einsum", "quantize_rows", "resolve_backend", "split_of", "use_backend",
+    "w8a8_matmul", "w8a16_matmul",
 ]  # fmt: skip

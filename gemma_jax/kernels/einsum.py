@@ -13,17 +13,18 @@ import math
 
 import jax
 
-from gemma_jax.kernels.dispatch import w8a8_matmul, w8a16_matmul
+from gemma_jax.kernels.dispatch import split_of, w8a8_matmul, w8a16_matmul
 
 Array = jax.Array
 SCHEMES = ("w8a8", "w8a16")
 
 
-def int8_einsum(eqn: str, x: Array, wq: Array, ws: Array, *, scheme: str) -> Array:
+def int8_einsum(eqn: str, x: Array, wq: Array, ws: Array, *, scheme: str, w_axes: tuple[str, ...] | None = None) -> Array:
     """`eqn` applied to x and the int8 weight wq (scales ws over its output dims), in x's dtype.
 
     scheme "w8a8" also quantizes x per token (all of x's leading dims form the token axis M);
-    "w8a16" keeps x in its float dtype.
+    "w8a16" keeps x in its float dtype. `w_axes` (wq's logical axes) lets a Pallas backend run
+    per shard under a sharding layout (see `dispatch.split_of`).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -40,5 +41,7 @@ def int8_einsum(eqn: str, x: Array, wq: Array, ws: Array, *, scheme: str) -> Arr
         raise ValueError(f"int8 einsum {eqn!r}: scale shape {ws.shape} is not the weight's output shape {wq.shape[n:]}")
     K, N = math.prod(wq.shape[:n]), math.prod(wq.shape[n:])
     matmul = w8a8_matmul if scheme == "w8a8" else w8a16_matmul
-    y = matmul(x.reshape(-1, K), wq.reshape(K, N), ws.reshape(N))  # [M N]
+    M = math.prod(x.shape[: x.ndim - n])
+    split = None if w_axes is None else split_of(w_axes, wq.shape, tuple(range(n)), M)
+    y = matmul(x.reshape(M, K), wq.reshape(K, N), ws.reshape(N), split=split)  # [M N]
     return y.reshape(x.shape[: x.ndim - n] + wq.shape[n:])

@@ -15,14 +15,16 @@ Array = jax.Array
 INT8_MAX = 127
 
 
-def quantize_rows(x: Array) -> tuple[Array, Array]:
+def quantize_rows(x: Array, k_axes: tuple[str, ...] = ()) -> tuple[Array, Array]:
     """Dynamic per-token (per-row) symmetric absmax quantization: x [M K] -> (int8 [M K], float32 scale [M 1]).
 
     An all-zero row gets scale 0 and int8 zeros (divides by 1, never by 0), so it dequantizes
-    to exact zeros instead of NaN.
+    to exact zeros instead of NaN. Inside `shard_map` with K split over mesh axes `k_axes`, the
+    absmax is taken over the whole row, so every shard quantizes as one device would.
     """
     x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1, keepdims=True) / INT8_MAX
+    absmax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+    scale = (jax.lax.pmax(absmax, k_axes) if k_axes else absmax) / INT8_MAX
     q = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0))
     return jnp.clip(q, -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
 
