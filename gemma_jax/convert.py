@@ -6,11 +6,11 @@ Formats (SRC's is detected; `--to` names DST's):
     compressed-tensors  the same, int8 W8A8 (config.json has a compressed-tensors quantization_config)
     orbax               ours: gemma_config.json, params/ (Orbax), tokenizer.model (see checkpoint/orbax.py)
     gemma-lib           Google's `gemma` library / Kaggle Flax checkpoint (source only; no config inside)
-    gguf                llama.cpp GGUF file (read and written whole, by checkpoint/gguf.py)
+    gguf                llama.cpp GGUF file (see checkpoint/gguf.py)
 
 Every reader opens SRC as a `TensorSource` (validating names, shapes and dtypes first) and every
 writer pulls one tensor at a time from it into a temporary sibling of DST, renamed into place at
-the end; so memory stays near the largest tensor (GGUF aside) and DST is never seen half-written.
+the end; so memory stays near the largest tensor and DST is never seen half-written.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from gemma_jax.checkpoint.hf import (
-    CONFIG_FILE, TensorSource, collect, hf_source, params_source, read_hf_config, write_hf,
+    CONFIG_FILE, TensorSource, hf_source, read_hf_config, write_hf,
 )  # fmt: skip
 from gemma_jax.checkpoint.names import TensorSpec
 from gemma_jax.config import GemmaConfig
@@ -108,11 +108,10 @@ def open_source(
         from gemma_jax.checkpoint.gemma_lib import gemma_lib_source
 
         return gemma_lib_source(path, config=config, dtype=cast)
-    if format == "gguf":  # checkpoint/gguf.py reads a file whole: held in memory, then streamed from there
-        from gemma_jax.checkpoint.gguf import load_gguf
+    if format == "gguf":
+        from gemma_jax.checkpoint.gguf import gguf_source
 
-        gguf_config, params, tokenizer = load_gguf(path, dtype=cast)
-        return params_source(gguf_config, params, tokenizer.model_proto)
+        return gguf_source(path, dtype=cast)
     raise ValueError(f"unknown source format {format!r}; choose one of {', '.join(SOURCES)}")
 
 
@@ -232,15 +231,12 @@ def _write(to: str, dst: Path, source: TensorSource, overwrite: bool, max_shard_
         from gemma_jax.checkpoint.orbax import save_orbax
 
         save_orbax(dst, source, overwrite=overwrite)
-    else:  # gguf: checkpoint/gguf.py writes from a whole param tree, so the model is held in memory
-        from gemma_jax.checkpoint.gguf import save_gguf
-        from gemma_jax.tokenizer import Tokenizer
+    else:
+        from gemma_jax.checkpoint.gguf import write_gguf
 
-        if source.tokenizer is None:
-            raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
         widest = max((np.dtype(d) for d in source.dtypes.values()), key=lambda d: d.itemsize)
         kind = gguf_type or ("f32" if widest.itemsize == 4 else "bf16")
-        save_gguf(dst, source.config, collect(source), Tokenizer(source.tokenizer), type=kind, overwrite=overwrite)
+        write_gguf(dst, source, type=kind, overwrite=overwrite)
 
 
 def _warn_leftovers(dst: Path) -> None:

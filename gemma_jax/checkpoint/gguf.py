@@ -1,4 +1,4 @@
-"""Read and write GGUF (llama.cpp) Gemma 1/2/3 checkpoints as (config, params, tokenizer).
+"""Read and write GGUF (llama.cpp) Gemma 1/2/3 checkpoints, one tensor at a time (a `TensorSource` each way).
 
 A GGUF file holds the weights, the hyper-parameters (as metadata keys) and the tokenizer
 (as token/score/type arrays). The conventions below were checked against the real Gemma 3
@@ -34,7 +34,7 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType as Q
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from gemma_jax.checkpoint.hf import Put, checked_leaves, listing, set_path
+from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
 from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -55,18 +55,12 @@ _PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token ty
 _REQUIRED = object()
 
 
-def load_gguf(
-    path: str | os.PathLike[str],
-    *,
-    dtype: npt.DTypeLike | None = None,
-    put: Put | None = None,
-) -> tuple[GemmaConfig, dict[str, Any], Tokenizer]:
-    """Load a llama.cpp GGUF of a Gemma 1/2/3 model (arch gemma, gemma2 or gemma3).
+def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
+    """Open a llama.cpp GGUF of a Gemma 1/2/3 model (arch gemma, gemma2 or gemma3) for streaming.
 
-    Tensors of any type gguf can dequantize are converted one at a time from the memory-mapped
-    file to float32, then cast to `dtype` (default float32); `put(path, array)` may place each on
-    devices as it is made. Metadata, names and shapes are all checked before any tensor is
-    converted, and any failure is a ValueError naming the file, so nothing half-loaded escapes.
+    Metadata, names and shapes are all checked first, and any failure is a ValueError naming the
+    file. Each read dequantizes one tensor (any type gguf can) from the memory-mapped file to
+    float32, then casts it to `dtype` (default float32): memory stays near one tensor.
     """
     file = Path(path)
     if not file.is_file():
@@ -84,20 +78,28 @@ def load_gguf(
     specs = _gguf_specs(config)
     tensors = {t.name: t for t in reader.tensors}
     _validate(file, tensors, specs, meta["general.architecture"])
+    names = {spec.hf_name: name for name, spec in specs.items()}
     cast = np.dtype(np.float32 if dtype is None else dtype)
-    params: dict[str, Any] = {}
-    for name, spec in specs.items():
-        tensor = tensors[name]
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        tensor = tensors[names[spec.hf_name]]
         try:
             x = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as e:
             kind = tensor.tensor_type.name
-            raise ValueError(f"{file}: tensor {name} has type {kind}, which gguf cannot dequantize") from e
+            raise ValueError(f"{file}: tensor {tensor.name} has type {kind}, which gguf cannot dequantize") from e
         x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
-        if np.may_share_memory(x, reader.data):  # an F32 tensor can still be a view of the mapped file
-            x = x.copy()
-        set_path(params, spec.path, x if put is None else put(spec.path, x))
-    return config, params, tokenizer
+        return x.copy() if np.may_share_memory(x, reader.data) else x  # an F32 tensor can be a view of the file
+
+    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto)
+
+
+def load_gguf(
+    path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, put: Put | None = None
+) -> tuple[GemmaConfig, dict[str, Any], Tokenizer]:
+    """A whole GGUF as (config, params, tokenizer); `put(path, array)` may place each tensor as it is made."""
+    source = gguf_source(path, dtype=dtype)
+    return source.config, collect(source, put), Tokenizer(source.tokenizer)
 
 
 def save_gguf(
@@ -109,40 +111,46 @@ def save_gguf(
     type: SaveType = "f32",
     overwrite: bool = False,
 ) -> Path:
+    """`write_gguf` for a param tree in memory."""
+    return write_gguf(path, params_source(config, params, tokenizer.model_proto), type=type, overwrite=overwrite)
+
+
+def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: SaveType = "f32", overwrite: bool = False) -> Path:
     """Write a GGUF that llama.cpp runs and `load_gguf` restores (the same config, params within `type`'s error).
 
     Matrices are stored as `type`; norms and other 1-D tensors stay F32, and a matrix whose rows
     do not fill whole Q8_0 blocks falls back to F16, as llama.cpp's converter does. Tensors are
-    converted and written one at a time into a temporary sibling file renamed into place at the end.
+    read, converted and written one at a time into a temporary sibling file renamed into place at the end.
     """
-    dest = Path(path)
+    dest, config = Path(path), source.config
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
     if type not in _SAVE:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(_SAVE)}")
     if config.model_type not in _ARCH:
         raise ValueError(f"model_type {config.model_type!r} has no GGUF architecture")
-    meta = _metadata_for(config, tokenizer, type)
+    if source.tokenizer is None:
+        raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
+    meta = _metadata_for(config, Tokenizer(source.tokenizer), type)
     _check_representable(config, _config_from_metadata(meta))
     specs = _gguf_specs(config)
-    leaves = checked_leaves(params, specs)
-    qtypes = {name: _storage_type(spec, _SAVE[type][0]) for name, spec in specs.items()}
+    qtypes = {spec.hf_name: _storage_type(spec, _SAVE[type][0]) for spec in specs.values()}
 
     writer = gguf.GGUFWriter(None, meta["general.architecture"])
     for key, value in meta.items():
         if key != "general.architecture":  # the writer adds it itself
             _add_kv(writer, key, value)
-    for name, spec in specs.items():
-        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(spec.hf_shape, qtypes[name]))
-        writer.add_tensor_info(name, spec.hf_shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[name])
+    for name, spec in specs.items():  # the same (HF) order the source yields tensors in
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(spec.hf_shape, qtypes[spec.hf_name]))
+        writer.add_tensor_info(name, spec.hf_shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[spec.hf_name])
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # same directory: os.replace is atomic
     try:
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, spec in specs.items():
-            x = spec.to_hf(np.asarray(leaves[spec.path], np.float32))
-            writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[name]))
+        for spec, x in source:
+            x = spec.to_hf(np.asarray(x, np.float32))
+            writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[spec.hf_name]))
         writer.close()
         os.replace(tmp, dest)
     except BaseException:
