@@ -70,11 +70,12 @@ def _axes_by_path() -> dict[tuple[str, ...], tuple[str, ...]]:
         model_type="gemma3_text", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
         mlp_dim=8, query_pre_attn_scalar=8, use_post_norms=True, use_qk_norm=True,
     )  # fmt: skip
-    return flatten_dict(param_axes(every_kind))
+    return {**flatten_dict(param_axes(every_kind)), **flatten_dict(param_axes(every_kind, "w8a8"))}  # float + int8 leaves
 
 
 def logical_axes(path: tuple[str, ...]) -> tuple[str, ...]:
-    """Logical axis names of the parameter at `path` (e.g. ("layer_7", "attn", "q", "w")), for any config.
+    """Logical axis names of the parameter at `path` (e.g. ("layer_7", "attn", "q", "w")), for any config,
+    float or int8 (whose weights keep the float axes and whose scales have their weights' output axes).
 
     Lets loaders place each tensor on its shards as it is read, before a config is at hand.
     """
