@@ -11,6 +11,9 @@ sliding-window layers — fewer than `sliding_window` positions back.
 The KV cache stores, per layer, keys, values and the position of each slot (-1 = empty).
 Token p is written to slot p % S, so global layers (S = max length) fill linearly and
 sliding-window layers (S = window) are ring buffers that only ever hold `window` entries.
+
+On TPU, whole-sequence attention (training, prefill into a fresh cache) runs Pallas' splash
+attention kernel instead of materialising [B N T S] logits (see kernels/attention.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict
 
 from gemma_jax.config import GemmaConfig
-from sharding import constrain
+from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
+from sharding import constrain
 
 Array = jax.Array
 LayerCache = dict[str, Array]  # {"k": [B S K H], "v": [B S K H], "pos": [B S] int32}
@@ -144,15 +148,19 @@ class Attention(nn.Module):
             cache = None if cache is None else write_cache(cache, k, v, k_pos)
 
         window = cfg.sliding_window if self.kind == "local" else None
-        mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
         B, T = q.shape[:2]
         q = q.reshape(B, T, K, N // K, H)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        self.sow("intermediates", "max_abs_attn_logit", jnp.max(jnp.abs(logits)))  # pre-cap, for tests
-        logits = soft_cap(logits, cfg.attn_logit_softcap)
-        logits = jnp.where(mask[:, None, None], logits, _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype)).reshape(B, T, N, H)
+        if same_segment is not None and splash_applies(T):  # whole sequences on TPU: Pallas, no [T S] logits
+            out = splash_attention(q, k, v, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap)
+        else:
+            mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
+            logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+            self.sow("intermediates", "max_abs_attn_logit", jnp.max(jnp.abs(logits)))  # pre-cap, for tests
+            logits = soft_cap(logits, cfg.attn_logit_softcap)
+            logits = jnp.where(mask[:, None, None], logits, _MASKED)
+            probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype))
+        out = out.reshape(B, T, N, H)
         return proj("o", (N, H, D), ("q_heads", "head_dim", "embed"))("BTNH,NHD->BTD", out), cache
 
 

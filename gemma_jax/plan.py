@@ -92,26 +92,23 @@ def _local(layout: Layout, axes: Sequence[str | None], shape: Sequence[int], ski
 
 
 @functools.lru_cache(maxsize=8)
-def _params(config: GemmaConfig) -> tuple[tuple[tuple[str, ...], tuple, tuple[int, ...]], ...]:
-    """(path, logical axes, shape) of every parameter, traced abstractly (nothing allocated)."""
-    axes = flatten_dict(param_axes(config))
-    shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
-    return tuple((path, axes[path], tuple(shapes[path].shape)) for path in sorted(axes))
+def _params(config: GemmaConfig, quant: str | None) -> tuple[tuple[tuple[str, ...], tuple, tuple[int, ...], np.dtype], ...]:
+    """(path, logical axes, shape, stored dtype or None for float) of every parameter, traced abstractly."""
+    axes = flatten_dict(param_axes(config, quant))
+    shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=quant)))
+    int8 = {path[:-1] for path, leaf in shapes.items() if leaf.dtype == jnp.int8}
+    stored = lambda path, leaf: leaf.dtype if path[:-1] in int8 else None  # int8 weights and their f32 scales
+    return tuple((path, axes[path], tuple(shapes[path].shape), stored(path, shapes[path])) for path in sorted(axes))
 
 
 def _param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
-    """(bytes, elements) per device. Quantised projection weights ("w" leaves) take 1 byte plus an
-    f32 scale per output channel (the dims left after contracting embed, or embed itself for o/down);
-    the embedding stays in `dtype` (it is a gather and the tied head, outside `Einsum`)."""
+    """(bytes, weight elements) per device, for the tree `gemma_jax.quant` makes: with `quant`, every projection
+    and the tied embedding is int8 with f32 scales per output channel (per row for the embedding)."""
     total = elements = 0
-    for path, axes, shape in _params(config):
+    for path, axes, shape, stored in _params(config, quant):
         n = math.prod(_local(layout, axes, shape, skip))
-        elements += n
-        if quant and path[-1] == "w":
-            out = slice(1, None) if axes[0] == "embed" else slice(-1, None)
-            total += n + 4 * math.prod(_local(layout, axes[out], shape[out], skip))
-        else:
-            total += n * dtype.itemsize
+        total += n * np.dtype(stored or dtype).itemsize
+        elements += 0 if stored == np.float32 else n  # scales are not multiplied
     return total, elements
 
 
@@ -129,23 +126,26 @@ def _cache_bytes(config: GemmaConfig, layout: Layout, batch: int, seq: int, c: i
     return n * (2 * kv * c + 4 * pos)
 
 
-def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int) -> tuple[int, float]:
+def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
     """(peak activation bytes, attention FLOPs) per device for a one-shot prefill of T tokens.
 
-    `generate` prefills an empty cache by attending within the prompt: S = T keys on every
-    layer (sliding-window layers mask, not skip, keys outside the window), with f32 logits and
-    c-byte probs [B N T S] materialised densely. Peak = residual + normed input [B T D] plus the larger of
-    attention (q, k, v [B T N|K H] + logits + probs) and MLP (gate, up, gelu*up [B T F]).
-    B, N, K, F are per-device shards under the act_* rules; c = compute dtype bytes.
+    `generate` prefills an empty cache by attending within the prompt. Dense (XLA) attention
+    materialises f32 logits and c-byte probs [B N T T] and computes every key (windows masked,
+    not skipped); splash attention (TPU, T a multiple of 128) holds no logits and skips blocks
+    the mask rules out: about T/2 keys per query on global layers, a window on local ones.
+    Peak = residual + normed input [B T D] plus the larger of attention (q, k, v, out, + logits
+    and probs when dense) and MLP (gate, up, gelu*up [B T F]). B, N, K, F are per-device shards
+    under the act_* rules; c = compute dtype bytes.
     """
     # One name at a time: heads and mlp all map to `tensor`, which one array could use only once.
     dims = {"act_batch": batch, "act_heads": config.num_heads, "act_kv_heads": config.num_kv_heads,
             "act_mlp": config.mlp_dim}  # fmt: skip
     B, N, K, F = (_local(layout, (name,), (n,))[0] for name, n in dims.items())
-    D, H, S = config.embed_dim, config.head_dim, [T] * config.num_layers
-    attention = B * T * (N + 2 * K) * H * c + B * N * T * max(S) * (4 + c)
+    D, H = config.embed_dim, config.head_dim
+    attention = B * T * (2 * N + 2 * K) * H * c + (0 if splash else B * N * T * T * (4 + c))
+    keys = [(T / 2 if kind == "global" else _slots(config, kind, T)) if splash else T for kind in config.layer_kinds]
     peak = 2 * B * T * D * c + max(attention, 3 * B * T * F * c)
-    return peak, 4.0 * B * N * H * T * sum(S)  # QK^T and PV: 2 matmuls x 2 FLOPs per MAC
+    return peak, 4.0 * B * N * H * T * sum(keys)  # QK^T and PV: 2 matmuls x 2 FLOPs per MAC
 
 
 def plan(
@@ -181,7 +181,8 @@ def plan(
     params, _ = _param_bytes(config, layout, pdtype, quant)
     read, elements = _param_bytes(config, layout, pdtype, quant, skip=_BATCH_AXES)  # weights as multiplied
     cache = _cache_bytes(config, layout, batch, seq, c.itemsize)
-    acts, prefill_attn = _prefill(config, layout, batch, seq, c.itemsize)
+    splash = name != "h100" and seq % 128 == 0  # kernels/attention.py: the TPU default
+    acts, prefill_attn = _prefill(config, layout, batch, seq, c.itemsize, splash)
     B, N = _local(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
 
     decode_attn = sum(4.0 * B * N * config.head_dim * _slots(config, k, context) for k in config.layer_kinds)
@@ -192,7 +193,8 @@ def plan(
     notes = (
         "collective (ICI/NVLink) costs, kernel efficiency and XLA's reserved HBM are ignored",
         f"decode reads KV at avg context {context} (today's dense decode reads all {seq} slots: decode_context={seq})",
-        "prefill attention as implemented: dense f32 logits over the prompt (S = T), windows masked not skipped",
+        "prefill attention: splash kernel (no [T T] logits; masked blocks skipped)" if splash else
+        "prefill attention: dense f32 logits over the prompt (S = T), windows masked not skipped",
         f"compute in {c.name} at the {'int8' if quant == 'w8a8' else 'bf16'} peak, {peak / 1e12:.0f} TFLOP/s"
         + (" (f32 matmuls run slower)" if c.itemsize == 4 else ""),
     )
