@@ -24,6 +24,9 @@ What it measures, per batch size B (greedy decoding, random prompts of --prompt-
     via `Llama.generate(temp=0)`, --threads threads, timed like ours after a 2-token warm-up; BW util
     counts the file's tensor bytes plus an F16 KV cache. "ratio llama" = ours / llama.cpp decode.
 
+--quant w8a16|w8a8 times ours with int8 weights (quantized on load; the BW column counts the int8
+bytes), the width of llama.cpp's Q8_0 (`--gguf-export q8_0`); transformers stays float.
+
 --ckpt is a Hugging Face directory, a GGUF file, or a name: "gemma3-270m" (the real model of
 the `gemma3` extra) or "tiny". Without --ckpt a random model is built from --preset with
 --layers layers and saved once with `save_hf` to a temporary directory, so every framework
@@ -51,12 +54,12 @@ import numpy as np
 import gemma_jax
 from gemma_jax.checkpoint.gguf import _Reader, save_gguf
 from gemma_jax.checkpoint.hf import save_hf
-from gemma_jax.checkpoint.resolve import GEMMA3_270M, packaged_gemma3_270m
+from gemma_jax.checkpoint.resolve import checkpoint_path
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
 from gemma_jax.model import init_params
+from gemma_jax.quant import quantize_params, tree_bytes
 from gemma_jax.sampling import Sampler
-from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
 Times = dict[int, dict[str, float]]  # batch -> {"t1", "tN", "compile", "hf_t1", "hf_tN"} seconds
 LlamaRow = dict[str, object]  # one llama.cpp GGUF: {"name", "type", "bytes", "t1", "tN"}
@@ -110,15 +113,6 @@ def random_checkpoint(args: argparse.Namespace, root: str) -> Path:
     return save_hf(Path(root) / "model", config, params)
 
 
-def checkpoint_path(name: str) -> Path:
-    """A --ckpt value as a path: the names "gemma3-270m" and "tiny" resolve as `gemma_jax.load` resolves them."""
-    if name == GEMMA3_270M:
-        return packaged_gemma3_270m()
-    if name == TINY_NAME:
-        return tiny_checkpoint()
-    return Path(name).expanduser()
-
-
 def step_cost(
     config: GemmaConfig, n_params: int, batch: int, context: float, itemsize: int, weight_bytes: float | None = None
 ) -> tuple[float, float]:
@@ -161,7 +155,7 @@ def time_ours(model: gemma_jax.Gemma, prompts: dict[int, np.ndarray], n_new: int
         for key, n in (("t1", 1), ("tN", n_new)):
             run = lambda: generate(  # noqa: E731
                 model.config, model.params, ids.tolist(), max_new_tokens=n, sampler=Sampler(), stop_ids=(),
-                dtype=model.compute_dtype,
+                dtype=model.compute_dtype, quant=model.quant,
             )  # fmt: skip
             run()  # warm-up: traces and compiles
             r[key] = best_time(run, repeats)
@@ -255,6 +249,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (the best is kept)")
+    parser.add_argument("--quant", choices=["w8a16", "w8a8"], help="ours with int8 weights (vs llama.cpp's Q8_0)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--gguf", help="llama.cpp: a GGUF of the same model (default: --ckpt when it is a GGUF)")
     parser.add_argument("--gguf-export", nargs="*", default=[], choices=["f32", "f16", "bf16", "q8_0"],
@@ -274,10 +269,16 @@ def main() -> None:
         ckpt = checkpoint_path(args.ckpt) if args.ckpt else random_checkpoint(args, tmp)
         model = gemma_jax.load(ckpt, dtype=args.dtype, compute_dtype=args.dtype)
         config, n_params = model.config, sum(x.size for x in jax.tree.leaves(model.params))
+        gguf_files = [] if args.skip_llama_cpp else llama_cpp_files(args, ckpt, model, tmp, notes)  # from float weights
+        weight_bytes = None
+        if args.quant:
+            params = quantize_params(config, model.params, args.quant)
+            model = gemma_jax.Gemma(config, params, model.tokenizer, compute_dtype=args.dtype, quant=args.quant)
+            weight_bytes = tree_bytes(params)
+            notes.append(f"ours runs {args.quant} weights ({weight_bytes / 1e9:.2f} GB; transformers stays {args.dtype})")
         rng = np.random.default_rng(0)
         prompts = {b: rng.integers(3, config.vocab_size, (b, T)) for b in args.batch}
         times = time_ours(model, prompts, N, args.repeats)
-        gguf_files = [] if args.skip_llama_cpp else llama_cpp_files(args, ckpt, model, tmp, notes)
         del model
         if args.skip_transformers:
             notes.append("transformers not run (--skip-transformers)")
@@ -313,7 +314,7 @@ def main() -> None:
     llama_dec = rate(1, llama[0]["t1"], llama[0]["tN"]) if llama else nan  # batch 1 only
     for b, r in times.items():
         dec = rate(b, r["t1"], r["tN"])
-        nbytes, flops = step_cost(config, n_params, b, context, itemsize)
+        nbytes, flops = step_cost(config, n_params, b, context, itemsize, weight_bytes)
         hf_pre = b * T / r["hf_t1"] if "hf_t1" in r else nan
         hf_dec = rate(b, r["hf_t1"], r["hf_tN"]) if "hf_tN" in r else nan
         pre, step, ll = b * T / r["t1"], b / dec, llama_dec if b == 1 else nan

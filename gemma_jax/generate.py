@@ -171,14 +171,16 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, 
 
     def body(carry):
         i, state, out = carry
-        state, out = emit(state, out, i)
-        state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
+        state, out = emit(advance(state), out, i)
         return i + 1, state, out
 
     with activate(layout):
         stopped = state.stopped | (host_stop & ~state.done)
         state = state._replace(done=state.done | host_stop, stopped=stopped)
-        out = jnp.full((state.token.shape[0], out_len), -1, jnp.int32)
+        state, out = emit(state, jnp.full((state.token.shape[0], out_len), -1, jnp.int32), 0)
+        # emit, then advance only while some row is live. No `cond` inside the loop: one there makes
+        # XLA copy the whole KV cache every step; the one after the loop copies it once per call.
         cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
-        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))
+        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
+        state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
         return _replicate_flags(state), constrain(out, (None, None))  # replicated: every host reads all

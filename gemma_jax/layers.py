@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_jax.kernels import int8_einsum, w8a8_matmul, w8a16_matmul
+from gemma_jax.kernels import int8_einsum, split_of, w8a8_matmul, w8a16_matmul
 
 Array = jax.Array
 
@@ -41,9 +41,15 @@ class Einsum(nn.Module):
             w = self.param("w", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), self.shape, jnp.int8)
             out_axes, out_shape = tuple(self.axes[i] for i in fan_out), tuple(self.shape[i] for i in fan_out)
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, out_axes), out_shape, jnp.float32)
-            return int8_einsum(eqn, x, w, scale, scheme=_scheme(self.quant))
+            return int8_einsum(eqn, x, w, scale, scheme=_scheme(self.quant), w_axes=self.axes)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=fan_in, out_axis=fan_out)
         w = self.param("w", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
+        n = len(fan_in)
+        if n > 1 and fan_in == tuple(range(n)) and x_dims.endswith(w_dims[:n]):
+            # Several contracted axes leading the weight (attention's output projection, NHD): contract
+            # them as one. Otherwise XLA may permute the whole weight, every call, to suit x's layout.
+            x, w = x.reshape(*x.shape[:-n], -1), w.reshape(-1, *w.shape[n:])
+            eqn = f"{x_dims[:-n]}Z,Z{w_dims[n:]}->{eqn.split('->')[1]}"
         return jnp.einsum(eqn, x, w.astype(x.dtype))
 
 
@@ -78,9 +84,17 @@ class Embedder(nn.Module):
         """[... D] -> float32 logits [... V]."""
         if self.embedding.dtype == jnp.int8:  # the [V D] table is the transposed int8 weight of the head
             matmul = w8a8_matmul if _scheme(self.quant) == "w8a8" else w8a16_matmul
-            logits = matmul(x.reshape(-1, self.embed_dim), self.embedding, self.scale, w_transposed=True, out_dtype=jnp.float32)
+            rows = x.reshape(-1, self.embed_dim)
+            split = split_of(("vocab", "embed"), self.embedding.shape, (1,), rows.shape[0])
+            logits = matmul(rows, self.embedding, self.scale, w_transposed=True, out_dtype=jnp.float32, split=split)
             return logits.reshape(*x.shape[:-1], self.vocab_size)
-        return jnp.einsum("...D,VD->...V", x, self.embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+        table = self.embedding.astype(x.dtype)
+        if x.ndim == 2 and jax.default_backend() == "cpu":  # decode: [B D] rows
+            # XLA:CPU runs this matmul up to 2x faster into a [V B] result than into [B V] (the
+            # barrier keeps it from folding the transpose back into the matmul).
+            logits = jnp.einsum("VD,BD->VB", table, x, preferred_element_type=jnp.float32)
+            return jax.lax.optimization_barrier(logits).T
+        return jnp.einsum("...D,VD->...V", x, table, preferred_element_type=jnp.float32)
 
 
 def _scheme(quant: str | None) -> str:
