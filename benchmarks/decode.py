@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gemma_jax
-from gemma_jax.checkpoint.gguf import _Reader, save_gguf
+from gemma_jax.checkpoint.gguf import GGUFFileReader, save_gguf
 from gemma_jax.checkpoint.hf import save_hf
 from gemma_jax.checkpoint.resolve import checkpoint_path
 from gemma_jax.config import GemmaConfig
@@ -134,7 +134,7 @@ def fast_gguf_reader() -> Iterator[None]:
     slicing overhead, which costs about a minute on Gemma 3's 262k token strings)."""
     import gguf
 
-    original, gguf.GGUFReader = gguf.GGUFReader, _Reader
+    original, gguf.GGUFReader = gguf.GGUFReader, GGUFFileReader
     try:
         yield
     finally:
@@ -194,7 +194,7 @@ def time_transformers(ckpt: Path, args: argparse.Namespace, prompts: dict[int, n
 
 def gguf_bytes(path: Path) -> tuple[int, str]:
     """(tensor bytes, the types of its matrices) of a GGUF file."""
-    tensors = _Reader(path).tensors
+    tensors = GGUFFileReader(path).tensors
     kinds = sorted({t.tensor_type.name for t in tensors if len(t.shape) > 1})
     return sum(int(t.n_bytes) for t in tensors), "+".join(kinds)
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import transformers
 
-from gemma_jax.checkpoint.gguf import _Reader, load_gguf, save_gguf
+from gemma_jax.checkpoint.gguf import GGUFFileReader, load_gguf, save_gguf
 from gemma_jax.checkpoint.names import tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import generate
@@ -81,7 +81,7 @@ def _fast_reader() -> Iterator[None]:
     """transformers parses GGUF with `gguf.GGUFReader`; hand it our subclass, the same parser minus
     np.memmap's slicing overhead (its three passes over 262k token strings take ~1 min otherwise)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFReader", _Reader)
+        patch.setattr(gguf, "GGUFReader", GGUFFileReader)
         yield
 
 

@@ -66,7 +66,7 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
     if not file.is_file():
         raise FileNotFoundError(f"GGUF file {file} does not exist")
     try:
-        reader = _Reader(file)
+        reader = GGUFFileReader(file)
         meta = _metadata(reader)
     except Exception as e:  # GGUFReader signals malformed input with assorted error types
         raise ValueError(f"{file}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
@@ -200,7 +200,7 @@ def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, Tensor
             )
 
 
-class _Reader(gguf.GGUFReader):
+class GGUFFileReader(gguf.GGUFReader):
     """GGUFReader that parses faster and whose tensor errors (data cut off, sizes that do not fit
     the type) name the tensor."""
 
