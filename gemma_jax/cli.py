@@ -140,11 +140,10 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    import jax
-
+    from gemma_jax.convert import host_only
     from gemma_jax.quant import quantize_checkpoint
 
-    jax.config.update("jax_platforms", "cpu")  # like convert: needs no accelerator, never grabs one another job holds
+    host_only()
     quantize_checkpoint(args.src, args.dst, scheme=args.scheme, dtype=args.dtype, calibration=args.calibration,
                         calibration_tokens=args.calibration_tokens, ctx=args.ctx, force=args.force, quiet=args.quiet)  # fmt: skip
 

@@ -180,10 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Run `gemma-jax convert` from parsed `add_arguments` options."""
-    if "JAX_PLATFORMS" not in os.environ:  # converting needs no accelerator, so never grab a TPU another job holds
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
+    host_only()
     config = None
     if args.config is not None:
         path = Path(args.config).expanduser()
@@ -191,6 +188,15 @@ def run(args: argparse.Namespace) -> None:
     convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, source_format=args.source_format,
             config=config, max_shard_bytes=int(args.max_shard_gb * 2**30), gguf_type=args.gguf_type,
             quiet=args.quiet)  # fmt: skip
+
+
+def host_only() -> None:
+    """Run jax on the CPU unless JAX_PLATFORMS says otherwise: converting and quantizing need no
+    accelerator, so they never grab a TPU another job holds."""
+    if "JAX_PLATFORMS" not in os.environ:
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
 
 
 def peak_rss() -> int:

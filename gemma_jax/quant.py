@@ -81,12 +81,9 @@ def smoothing(
     config: GemmaConfig, params: Any, scheme: str, calibration: np.ndarray | None, alpha: float = SMOOTH_ALPHA
 ) -> tuple[Factors, dict[ParamPath, Array]]:
     """SmoothQuant's (factors, norms) for `quantized_leaves`, from calibration tokens; none without them."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    _check(scheme, calibration is not None)
     if calibration is None:
         return {}, {}
-    if scheme != "w8a8":
-        raise ValueError("calibration (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
     return smooth(config, params, input_absmax(config, params, calibration), alpha)
 
 
@@ -99,13 +96,14 @@ def quantized_leaves(
     init), so this follows the model's layers.
     """
     layout = quantized_layout(config, scheme)
+    scales = {path: path[:-1] + ("scale",) for path, leaf in layout.items() if leaf.dtype == jnp.int8}
     for path, leaf in layout.items():
-        if path[-1] == "scale" and path[:-1] + ("w",) in layout or path == ("embedder", "scale"):
+        if path in scales.values():
             continue  # written with its weight
-        if leaf.dtype != jnp.int8:
+        if path not in scales:
             yield path, norms.get(path, read(path))
             continue
-        scale_path = path[:-1] + ("scale",)
+        scale_path = scales[path]
         n = len(layout[scale_path].shape)  # output dims
         w = read(path)
         # Einsum weights contract their leading dims; the embedding's rows are its output channels.
@@ -117,9 +115,15 @@ def quantized_leaves(
 
 def quantized_layout(config: GemmaConfig, scheme: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Path -> shape and dtype of every leaf of the int8 tree (int8 weights, float32 scales, float norms)."""
+    _check(scheme)
+    return flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=scheme)))
+
+
+def _check(scheme: str, calibrated: bool = False) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    return flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=scheme)))
+    if calibrated and scheme != "w8a8":
+        raise ValueError("calibration (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
 
 
 def input_absmax(config: GemmaConfig, params: Any, tokens: np.ndarray) -> dict[ParamPath, Array]:
@@ -231,16 +235,15 @@ def quantize_checkpoint(
     start = time.perf_counter()
     if Path(dst).exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    if calibration is not None and scheme != "w8a8":
-        raise ValueError("a calibration text (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
+    _check(scheme, calibration is not None)  # before any tensor is read
     if scheme == "w8a8" and calibration is None and not quiet:
         print("note: W8A8 without --calibration skips SmoothQuant; on Gemma 3 270M that cost +2.9% perplexity "
               "instead of +0.8-1.4% (benchmarks/quant_quality.py)", file=sys.stderr)  # fmt: skip
     source = open_source(checkpoint_path(src), dtype=dtype)
     config, specs = source.config, {s.path: s for s in source.specs.values()}
+    factors, norms = {}, {}
     if calibration is None:
         read = lambda path: source.read(specs[path])
-        factors, norms = smoothing(config, None, scheme, None)
     else:
         if source.tokenizer is None:
             raise ValueError(f"{src} has no tokenizer.model to encode the calibration text {calibration} with")
@@ -252,11 +255,10 @@ def quantize_checkpoint(
         factors, norms = smoothing(config, params, scheme, np.asarray(ids[: rows * ctx]).reshape(rows, ctx), alpha)
         read = flatten_dict(params).__getitem__
     leaves = quantized_leaves(config, read, scheme, factors, norms)
-    written = [0]
+    total, written = len(quantized_layout(config, scheme)), [0]
 
     def metered(items: Iterator[tuple[ParamPath, Array]]) -> Iterator[tuple[ParamPath, Array]]:
-        for path, x in tqdm(items, total=len(quantized_layout(config, scheme)), unit="tensor", desc=f"quantize {scheme}",
-                            disable=quiet, file=sys.stderr):  # fmt: skip
+        for path, x in tqdm(items, total=total, unit="tensor", desc=f"quantize {scheme}", disable=quiet, file=sys.stderr):
             written[0] += x.nbytes
             yield path, x
 
