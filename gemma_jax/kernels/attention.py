@@ -29,7 +29,7 @@ from typing import Iterator
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-from jax.sharding import PartitionSpec
+from jax.sharding import PartitionSpec as P
 
 from sharding import active_layout
 
@@ -74,11 +74,9 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, window
     if layout is None or layout.mesh.size == 1:
         return local(q, k, v, segment_ids)
     batch, heads = (layout.spec(("act_batch", "act_kv_heads"), (B, K))[i] for i in (0, 1))
-    spec = lambda *dims: PartitionSpec(*dims)
     return jax.shard_map(
         local, mesh=layout.mesh, check_vma=False,
-        in_specs=(spec(batch, None, heads), spec(batch, None, heads), spec(batch, None, heads), spec(batch)),
-        out_specs=spec(batch, None, heads),
+        in_specs=(P(batch, None, heads), P(batch, None, heads), P(batch, None, heads), P(batch)), out_specs=P(batch, None, heads),
     )(q, k, v, segment_ids)  # fmt: skip
 
 
