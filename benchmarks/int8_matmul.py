@@ -1,7 +1,7 @@
 """int8 matmuls (W8A8, W8A16) next to bf16 `jnp.dot` over Gemma 2 projection shapes, with speed-up ratios.
 
-For every projection of each model (q, k/v, o, gate/up, down and the tied head, whose weight
-is stored [V D]) and every M (tokens per step: decode 1..64, prefill 512..8192), it times:
+For every projection of each model (q, k/v, o, gate/up, down and the tied head; weights stored
+[N K], as the model stores them) and every M (tokens per step: decode 1..64, prefill 512..8192), it times:
 
   * bf16: `jnp.dot` of bf16 activations and bf16 weights (bf16 out), the float model's matmul;
   * f32 (CPU, or with --dtype float32): the same in float32, the CPU model's compute dtype;
@@ -42,17 +42,17 @@ DECODE_M = (1, 8, 16, 32, 64)
 PREFILL_M = (512, 1024, 2048, 4096, 8192)
 
 
-def projections(preset: str) -> dict[str, tuple[int, int, bool]]:
-    """name -> (K, N, weight stored [N K]) for one model's matmuls."""
+def projections(preset: str) -> dict[str, tuple[int, int]]:
+    """name -> (K, N) for one model's matmuls."""
     c = GemmaConfig.from_preset(preset)
     D, F = c.embed_dim, c.mlp_dim
     return {
-        "q": (D, c.num_heads * c.head_dim, False),
-        "kv": (D, c.num_kv_heads * c.head_dim, False),
-        "o": (c.num_heads * c.head_dim, D, False),
-        "gate/up": (D, F, False),
-        "down": (F, D, False),
-        "head": (D, c.vocab_size, True),
+        "q": (D, c.num_heads * c.head_dim),
+        "kv": (D, c.num_kv_heads * c.head_dim),
+        "o": (c.num_heads * c.head_dim, D),
+        "gate/up": (D, F),
+        "down": (F, D),
+        "head": (D, c.vocab_size),
     }
 
 
@@ -84,16 +84,15 @@ def default_iters(m: int) -> int:
     return 50 if m <= 64 else 10
 
 
-def candidates(dtype, backends: list[str], transposed: bool) -> dict[str, tuple[Callable, str]]:
+def candidates(dtype, backends: list[str]) -> dict[str, tuple[Callable, str]]:
     """column name -> (function of (x, *weights), which weights it takes: "float" or "int8")."""
-    dims = (((1,), (1 if transposed else 0,)), ((), ()))
-    dot = lambda x, w: jax.lax.dot_general(x, w, dims)  # jnp.dot, transposed-aware; output in x's dtype
+    dot = lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))  # x [M K] . w [N K]ᵀ, in x's dtype
     cols = {"bf16": (lambda x, w: dot(x.astype(jnp.bfloat16), w), "bf16")}
     if jnp.dtype(dtype) != jnp.bfloat16:
         cols[jnp.dtype(dtype).name] = (dot, "float")
     for b in backends:
-        cols[f"w8a8/{b}"] = (lambda x, q, s, b=b: w8a8_matmul(x, q, s, w_transposed=transposed, backend=b), "int8")
-        cols[f"w8a16/{b}"] = (lambda x, q, s, b=b: w8a16_matmul(x, q, s, w_transposed=transposed, backend=b), "int8")
+        cols[f"w8a8/{b}"] = (lambda x, q, s, b=b: w8a8_matmul(x, q, s, w_transposed=True, backend=b), "int8")
+        cols[f"w8a16/{b}"] = (lambda x, q, s, b=b: w8a16_matmul(x, q, s, w_transposed=True, backend=b), "int8")
     return cols
 
 
@@ -101,16 +100,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     for model in args.models:
-        for name, (K, N, transposed) in projections(f"gemma2-{model}").items():
-            shape = (N, K) if transposed else (K, N)
-            wq = jnp.asarray(rng.integers(-127, 128, shape, dtype=np.int8))
+        for name, (K, N) in projections(f"gemma2-{model}").items():
+            wq = jnp.asarray(rng.integers(-127, 128, (N, K), dtype=np.int8))
             ws = jnp.asarray(rng.uniform(1e-3, 1e-2, N).astype(np.float32))
-            w = (wq.astype(jnp.float32) * (ws[:, None] if transposed else ws)).astype(args.dtype)
+            w = (wq.astype(jnp.float32) * ws[:, None]).astype(args.dtype)
             weights = {"bf16": (w.astype(jnp.bfloat16),), "float": (w,), "int8": (wq, ws)}
             for m in args.m:
                 x = jnp.asarray(rng.normal(size=(m, K)), args.dtype)
                 row = dict(model=model, proj=name, M=m, K=K, N=N)
-                for col, (fn, kind) in candidates(args.dtype, args.backends, transposed).items():
+                for col, (fn, kind) in candidates(args.dtype, args.backends).items():
                     row[col] = time_loop(fn, x, weights[kind], args.iters or default_iters(m), args.repeats) * 1e3  # ms
                 print(format_row(row, args), flush=True)
                 rows.append(row)

@@ -1,16 +1,19 @@
 """The Gemma decoder (Gemma 1, 2 and 3 text through config flags), as functional Flax modules.
 
 Shapes use named dims: B batch, T query length, S key length, D embed, N query heads,
-K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab.
+K kv heads, G = N / K query heads per kv head, H head dim, F mlp dim, V vocab. Weights are
+stored [out..., in...] as in Hugging Face checkpoints: q is [N H D], o is [D N H].
 
 Every sequence position carries an explicit position and segment id, so left- or
 right-padded batches and packed documents are all the same code: a key is visible to a
 query when it is valid (position >= 0), not in the future, in the same segment, and — on
 sliding-window layers — fewer than `sliding_window` positions back.
 
-The KV cache stores, per layer, keys, values and the position of each slot (-1 = empty).
-Token p is written to slot p % S, so global layers (S = max length) fill linearly and
-sliding-window layers (S = window) are ring buffers that only ever hold `window` entries.
+The KV cache stores, per layer, keys [B K S H], values [B K H S] and the position of each slot
+(-1 = empty): each attention matmul then contracts the innermost dim of both operands, which XLA
+runs without relaying out the cache every step. Token p is written to slot p % S, so global
+layers (S = max length) fill linearly and sliding-window layers (S = window) are ring buffers
+that only ever hold `window` entries.
 
 On TPU, whole-sequence attention (training, prefill into a fresh cache) runs Pallas' splash
 attention kernel instead of materialising [B N T S] logits (see kernels/attention.py).
@@ -32,13 +35,16 @@ from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
 from sharding import constrain
 
 Array = jax.Array
-LayerCache = dict[str, Array]  # {"k": [B S K H], "v": [B S K H], "pos": [B S] int32}
+LayerCache = dict[str, Array]  # {"k": [B K S H], "v": [B K H S], "pos": [B S] int32}
 Cache = dict[str, LayerCache]  # keyed by layer name, "layer_{i}"
 _MASKED = jnp.finfo(jnp.float32).min
 
 ACT = ("act_batch", "act_length", "act_embed")
-CACHE_AXES = {"k": ("cache_batch", "cache_length", "cache_kv_heads", "head_dim"), "pos": ("cache_batch", "cache_length")}
-CACHE_AXES["v"] = CACHE_AXES["k"]
+CACHE_AXES = {
+    "k": ("cache_batch", "cache_kv_heads", "cache_length", "head_dim"),
+    "v": ("cache_batch", "cache_kv_heads", "head_dim", "cache_length"),
+    "pos": ("cache_batch", "cache_length"),
+}
 
 
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
@@ -46,8 +52,9 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.f
     cache = {}
     for i, kind in enumerate(config.layer_kinds):
         slots = min(config.sliding_window, max_len) if kind == "local" else max_len
-        kv = jnp.zeros((batch, slots, config.num_kv_heads, config.head_dim), dtype)
-        layer = {"k": kv, "v": kv, "pos": jnp.full((batch, slots), -1, jnp.int32)}
+        K, H = config.num_kv_heads, config.head_dim
+        layer = {"k": jnp.zeros((batch, K, slots, H), dtype), "v": jnp.zeros((batch, K, H, slots), dtype),
+                 "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
         cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()}
     return cache
 
@@ -99,14 +106,28 @@ def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment:
 
 
 def write_cache(cache: LayerCache, k: Array, v: Array, k_pos: Array) -> LayerCache:
-    """Scatter new keys/values into slot pos % S; invalid tokens and those a ring would overwrite are dropped."""
+    """Scatter new keys/values [B T K H] into slot pos % S; invalid tokens and those a ring would overwrite are dropped."""
     slots = cache["pos"].shape[1]
     newest = jnp.max(k_pos, axis=1, keepdims=True)  # B 1
     keep = (k_pos >= 0) & (k_pos > newest - slots)
-    slot = jnp.where(keep, k_pos % slots, slots)  # out of range -> dropped by mode="drop"
+    slot = jnp.where(keep, k_pos % slots, slots)  # B T; out of range -> dropped by mode="drop"
     rows = jnp.arange(k_pos.shape[0])[:, None]
-    put = lambda buf, new: buf.at[rows, slot].set(new.astype(buf.dtype), mode="drop")
-    return {"k": put(cache["k"], k), "v": put(cache["v"], v), "pos": put(cache["pos"], k_pos)}
+    drop = dict(mode="drop")
+    return {  # (rows, slot) index [B T] first, then the other dims in order: each update is [B T K H]
+        "k": cache["k"].at[rows, :, slot].set(k.astype(cache["k"].dtype), **drop),
+        "v": cache["v"].at[rows, :, :, slot].set(v.astype(cache["v"].dtype), **drop),
+        "pos": cache["pos"].at[rows, slot].set(k_pos, **drop),
+    }
+
+
+def as_keys(k: Array) -> Array:
+    """[B T K H] -> the cache's key layout [B K T H]."""
+    return k.transpose(0, 2, 1, 3)
+
+
+def as_values(v: Array) -> Array:
+    """[B T K H] -> the cache's value layout [B K H T]."""
+    return v.transpose(0, 2, 3, 1)
 
 
 class Attention(nn.Module):
@@ -122,9 +143,9 @@ class Attention(nn.Module):
         cfg = self.config
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, name=name)
-        q = proj("q", (D, N, H), ("embed", "q_heads", "head_dim"))("BTD,DNH->BTNH", x)
-        k = proj("k", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
-        v = proj("v", (D, K, H), ("embed", "kv_heads", "head_dim"))("BTD,DKH->BTKH", x)
+        q = proj("q", (N, H, D), ("q_heads", "head_dim", "embed"))("BTD,NHD->BTNH", x)
+        k = proj("k", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
+        v = proj("v", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
         if cfg.use_qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(k)
@@ -138,12 +159,12 @@ class Attention(nn.Module):
             cache = write_cache(cache, k, v, k_pos)
             keys, values, key_pos, same_segment = cache["k"], cache["v"], cache["pos"], None
         elif cache is not None and not fresh_cache:  # chunk after earlier tokens: cache + chunk
-            keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
-            values = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
+            keys = jnp.concatenate([cache["k"], as_keys(k).astype(cache["k"].dtype)], axis=2)
+            values = jnp.concatenate([cache["v"], as_values(v).astype(cache["v"].dtype)], axis=3)
             key_pos, same_segment = jnp.concatenate([cache["pos"], k_pos], axis=1), None
             cache = write_cache(cache, k, v, k_pos)
         else:  # whole sequences (or the first chunk into an empty cache): attend within the chunk
-            keys, values, key_pos = k, v, k_pos
+            keys, values, key_pos = as_keys(k), as_values(v), k_pos
             same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
             cache = None if cache is None else write_cache(cache, k, v, k_pos)
 
@@ -154,14 +175,14 @@ class Attention(nn.Module):
             out = splash_attention(q, k, v, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap)
         else:
             mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
-            logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
             self.sow("intermediates", "max_abs_attn_logit", jnp.max(jnp.abs(logits)))  # pre-cap, for tests
             logits = soft_cap(logits, cfg.attn_logit_softcap)
             logits = jnp.where(mask[:, None, None], logits, _MASKED)
             probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values.astype(x.dtype))
+            out = jnp.einsum("BKGTS,BKHS->BTKGH", probs, values.astype(x.dtype))
         out = out.reshape(B, T, N, H)
-        return proj("o", (N, H, D), ("q_heads", "head_dim", "embed"))("BTNH,NHD->BTD", out), cache
+        return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), cache
 
 
 class MLP(nn.Module):
@@ -174,10 +195,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         D, F = self.config.embed_dim, self.config.mlp_dim
-        gate = Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="gate")("BTD,DF->BTF", x)
-        up = Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="up")("BTD,DF->BTF", x)
+        gate = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="gate")("BTD,FD->BTF", x)
+        up = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="up")("BTD,FD->BTF", x)
         h = constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
-        return Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="down")("BTF,FD->BTD", h)
+        return Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="down")("BTF,DF->BTD", h)
 
 
 class Block(nn.Module):

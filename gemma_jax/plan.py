@@ -120,10 +120,12 @@ def _slots(config: GemmaConfig, kind: str, n: int) -> int:
 def _cache_bytes(config: GemmaConfig, layout: Layout, batch: int, seq: int, c: int, context: int | None = None) -> int:
     """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32); with
     `context`, only the min(context, slots) slots per layer that a decode step there must read."""
-    kv = math.prod(_local(layout, CACHE_AXES["k"], (batch, 1, config.num_kv_heads, config.head_dim)))
+    K, H = config.num_kv_heads, config.head_dim
+    k = math.prod(_local(layout, CACHE_AXES["k"], (batch, K, 1, H)))
+    v = math.prod(_local(layout, CACHE_AXES["v"], (batch, K, H, 1)))
     pos = math.prod(_local(layout, CACHE_AXES["pos"], (batch, 1)))
     n = sum(_slots(config, kind, seq if context is None else min(context, seq)) for kind in config.layer_kinds)
-    return n * (2 * kv * c + 4 * pos)
+    return n * ((k + v) * c + 4 * pos)
 
 
 def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:

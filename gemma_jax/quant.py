@@ -6,7 +6,7 @@ channel of the tied head; it is a fifth of Gemma 2 2B and most of Gemma 3 270M, 
 it in bf16 would keep the tree well above half the bf16 bytes. Norm scales stay float.
 
 The result is a plain pytree of arrays with the float tree's paths plus a `scale` beside each
-int8 weight, e.g. `layer_0/attn/q/{w: int8 [D N H], scale: f32 [N H]}` and
+int8 weight, e.g. `layer_0/attn/q/{w: int8 [N H D], scale: f32 [N H]}` and
 `embedder/{embedding: int8 [V D], scale: f32 [V]}`; `model.param_axes(config, quant=...)`
 gives its logical axes, so it shards, saves and restores (Orbax) like any float tree. Either
 scheme's tree runs either way (`Transformer(..., quant=scheme)` picks the activation mode).
@@ -106,9 +106,8 @@ def quantized_leaves(
         scale_path = scales[path]
         n = len(layout[scale_path].shape)  # output dims
         w = read(path)
-        # Einsum weights contract their leading dims; the embedding's rows are its output channels.
-        axes = tuple(range(n, w.ndim)) if path[-1] == "embedding" else tuple(range(w.ndim - n))
-        q, scale = quantize_weight(w, axes, factors.get(path, ()))
+        # Weights are [out..., in...] (the embedding's rows are the tied head's output channels).
+        q, scale = quantize_weight(w, tuple(range(n, w.ndim)), factors.get(path, ()))
         yield path, q
         yield scale_path, scale
 
@@ -169,9 +168,9 @@ def smooth(
     factors: dict[ParamPath, list[Array]] = {}
     norms: dict[ParamPath, Array] = {}
 
-    def input_max(path: ParamPath, n_in: int) -> Array:  # max |W| per input channel (the leading n_in dims)
+    def input_max(path: ParamPath, n_in: int) -> Array:  # max |W| per input channel (the trailing n_in dims)
         w = jnp.abs(flat[path])
-        return jnp.max(w.reshape(*w.shape[:n_in], -1), axis=-1).astype(jnp.float32)
+        return jnp.max(w.reshape(-1, *w.shape[w.ndim - n_in :]), axis=0).astype(jnp.float32)
 
     def factor(x_max: Array, w_max: Array) -> Array:
         return jnp.where((x_max > 0) & (w_max > 0), x_max**alpha / w_max ** (1 - alpha), 1.0)
@@ -182,19 +181,19 @@ def smooth(
             paths = [(layer, block, name, "w") for name in readers]
             s = factor(absmax[(layer, block, readers[0])], jnp.max(jnp.stack([input_max(p, 1) for p in paths]), axis=0))  # [D]
             for p in paths:
-                factors.setdefault(p, []).append(s.reshape(-1, *(1,) * (flat[p].ndim - 1)))
+                factors.setdefault(p, []).append(s)  # [D]: the trailing (input) dim
             scale = flat[(layer, norm, "scale")].astype(jnp.float32)
             norms[(layer, norm, "scale")] = (1.0 + scale) / s - 1.0  # RMSNorm multiplies by (1 + w)
         # o reads the attention output, linear in v: one factor per (kv head, head dim), shared by its G query heads.
         o, v = (layer, "attn", "o", "w"), (layer, "attn", "v", "w")
         s = factor(absmax[o[:-1]].reshape(K, G, H).max(1), input_max(o, 2).reshape(K, G, H).max(1))  # [K H]
-        factors.setdefault(o, []).append(jnp.repeat(s, G, axis=0)[:, :, None])
-        factors.setdefault(v, []).append(1.0 / s[None])
+        factors.setdefault(o, []).append(jnp.repeat(s, G, axis=0))  # [N H]: o's input dims
+        factors.setdefault(v, []).append(1.0 / s[:, :, None])  # v's output dims
         # down reads gelu(gate) * up, linear in up.
         down, up = (layer, "mlp", "down", "w"), (layer, "mlp", "up", "w")
         s = factor(absmax[down[:-1]], input_max(down, 1))  # [F]
-        factors.setdefault(down, []).append(s[:, None])
-        factors.setdefault(up, []).append(1.0 / s[None, :])
+        factors.setdefault(down, []).append(s)
+        factors.setdefault(up, []).append(1.0 / s[:, None])
     return {p: tuple(f) for p, f in factors.items()}, norms
 
 

@@ -11,6 +11,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gemma_jax.layers import cpu_unsharded
+
 Array = jax.Array
 
 
@@ -36,7 +38,7 @@ class Sampler:
     def __call__(self, logits: Array, keys: Array, temperature: Array, top_p: Array) -> Array:
         """logits [B V] float32, keys [B] PRNG keys -> token ids [B] int32."""
         if self.greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return argmax(logits).astype(jnp.int32)
         if self.top_k is not None:
             logits, ids = jax.lax.top_k(logits, min(self.top_k, logits.shape[-1]))  # sorted, descending
         elif self.use_top_p:
@@ -51,3 +53,22 @@ class Sampler:
             logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
         choice = jax.vmap(jax.random.categorical)(keys, logits)
         return (choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]).astype(jnp.int32)
+
+
+_ARGMAX_BLOCK = 1024
+
+
+def argmax(logits: Array) -> Array:
+    """[B V] -> [B]: the first index of each row's largest logit, as `jnp.argmax`.
+
+    On one CPU device, XLA's argmax over a 262k vocabulary is one scalar pass (4.4 ms at batch 16
+    here); the max of each 1024-logit block vectorizes, leaving an argmax over blocks and one
+    inside the winning block (0.9 ms).
+    """
+    B, V = logits.shape
+    if not cpu_unsharded() or V % _ARGMAX_BLOCK:
+        return jnp.argmax(logits, axis=-1)
+    blocks = logits.reshape(B, V // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # the first block holding the max
+    inside = jnp.argmax(jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], axis=-1)
+    return best * _ARGMAX_BLOCK + inside

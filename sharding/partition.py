@@ -77,6 +77,12 @@ def active_layout() -> Layout | None:
     return getattr(_active, "layout", None)
 
 
+def mesh_layout() -> Layout | None:
+    """The active layout when it spans more than one device: where GSPMD partitions what is traced."""
+    layout = active_layout()
+    return layout if layout is not None and layout.mesh.size > 1 else None
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Pin an activation's layout (by logical axis names) under the active layout; identity otherwise."""
     layout = active_layout()

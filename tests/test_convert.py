@@ -152,3 +152,15 @@ def test_detect_format_errors(tmp_path: Path) -> None:
         detect_format(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="cannot tell the format"):
         detect_format(tmp_path)
+
+
+def test_checkpoint_of_the_old_weight_layout_is_refused_with_a_hint(hf_dir: Path, tmp_path: Path) -> None:
+    """Version 1 of our format stored weights [in, out]; reading one must say so rather than fail on shapes."""
+    orbax_dir = tmp_path / "orbax"
+    convert(hf_dir, orbax_dir, to="orbax", quiet=True)
+    meta_file = orbax_dir / "gemma_config.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["version"] == 2
+    meta_file.write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(ValueError, match="version 1 stored weights \\[in, out\\]: convert the original checkpoint again"):
+        gemma_jax.load(orbax_dir)

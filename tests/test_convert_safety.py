@@ -174,7 +174,7 @@ def test_every_tensor_is_checked_against_the_config_before_it_is_written(tmp_pat
     small = CONFIG.replace(vocab_size=64, num_layers=2)
     source = params_source(small, _random_params(small))
     lying = dataclasses.replace(source, read=lambda s: source.read(s)[..., :1] if s.path[-1] == "w" else source.read(s))
-    with pytest.raises(ValueError, match=r"layer_0/attn/q/w \(HF .*q_proj.weight\) was read as float32 \[512, 8, 1\], "
-                                         r"but the config implies float32 \[512, 8, 64\]"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"layer_0/attn/q/w \(HF .*q_proj.weight\) was read as float32 \[8, 64, 1\], "
+                                         r"but the config implies float32 \[8, 64, 512\]"):  # fmt: skip
         (write_hf if writer == "hf" else save_orbax)(tmp_path / "dst", lying)
     assert list(tmp_path.iterdir()) == []

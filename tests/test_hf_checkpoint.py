@@ -75,13 +75,13 @@ def _expected_params(model: Any) -> dict[str, np.ndarray]:
     out = {"embedder/embedding": sd["model.embed_tokens.weight"], "final_norm/scale": sd["model.norm.weight"]}
     for i in range(cfg.num_hidden_layers):
         p, o = f"model.layers.{i}.", f"layer_{i}/"
-        # HF: q = x @ W.T viewed as [..., heads, head_dim], so W[h*H + j, d] = ours[d, h, j].
-        out[o + "attn/q/w"] = sd[p + "self_attn.q_proj.weight"].reshape(N, H, D).transpose(2, 0, 1)
-        out[o + "attn/k/w"] = sd[p + "self_attn.k_proj.weight"].reshape(K, H, D).transpose(2, 0, 1)
-        out[o + "attn/v/w"] = sd[p + "self_attn.v_proj.weight"].reshape(K, H, D).transpose(2, 0, 1)
-        out[o + "attn/o/w"] = sd[p + "self_attn.o_proj.weight"].reshape(D, N, H).transpose(1, 2, 0)
+        # HF: q = x @ W.T viewed as [..., heads, head_dim], so W[h*H + j, d] = ours[h, j, d].
+        out[o + "attn/q/w"] = sd[p + "self_attn.q_proj.weight"].reshape(N, H, D)
+        out[o + "attn/k/w"] = sd[p + "self_attn.k_proj.weight"].reshape(K, H, D)
+        out[o + "attn/v/w"] = sd[p + "self_attn.v_proj.weight"].reshape(K, H, D)
+        out[o + "attn/o/w"] = sd[p + "self_attn.o_proj.weight"].reshape(D, N, H)
         for ours, hf in [("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")]:
-            out[o + f"mlp/{ours}/w"] = sd[p + f"mlp.{hf}.weight"].T
+            out[o + f"mlp/{ours}/w"] = sd[p + f"mlp.{hf}.weight"]
         out[o + "pre_attn_norm/scale"] = sd[p + "input_layernorm.weight"]
         if cfg.model_type == "gemma2":
             out[o + "post_attn_norm/scale"] = sd[p + "post_attention_layernorm.weight"]

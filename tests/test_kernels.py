@@ -109,14 +109,14 @@ def test_gradient_of_transposed_weight_matches_dense():
 def test_int8_einsum_maps_projections_to_matmuls():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 3, 4, 8)), jnp.float32)  # B T N H
-    wq = jnp.asarray(rng.integers(-127, 128, (4, 8, 16)), jnp.int8)  # N H D
+    wq = jnp.asarray(rng.integers(-127, 128, (16, 4, 8)), jnp.int8)  # D N H
     ws = jnp.asarray(rng.uniform(0.01, 0.02, 16), jnp.float32)
-    want = jnp.einsum("BTNH,NHD->BTD", x, wq.astype(jnp.float32) * ws)
-    np.testing.assert_allclose(int8_einsum("BTNH,NHD->BTD", x, wq, ws, scheme="w8a16"), want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(NotImplementedError, match="contracted dims first"):
-        int8_einsum("BTD,FD->BTF", x[..., 0, :], wq[0], ws[:8], scheme="w8a16")
+    want = jnp.einsum("BTNH,DNH->BTD", x, wq.astype(jnp.float32) * ws[:, None, None])
+    np.testing.assert_allclose(int8_einsum("BTNH,DNH->BTD", x, wq, ws, scheme="w8a16"), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="contracted dims last"):
+        int8_einsum("BTD,DF->BTF", x[..., 0, :], wq[0], ws[:8], scheme="w8a16")
     with pytest.raises(ValueError, match="unknown quantization scheme"):
-        int8_einsum("BTNH,NHD->BTD", x, wq, ws, scheme="w4a16")
+        int8_einsum("BTNH,DNH->BTD", x, wq, ws, scheme="w4a16")
 
 
 def test_backend_dispatch_is_overridable(monkeypatch):
@@ -133,12 +133,12 @@ def test_backend_dispatch_is_overridable(monkeypatch):
             pass
 
 
-def _model_shapes(preset: str) -> set[tuple[int, int, bool]]:
-    """(K, N, weight stored [N K]) of every int8 matmul in the model: q, k/v, o, gate/up, down, tied head."""
+def _model_shapes(preset: str) -> set[tuple[int, int]]:
+    """(K, N) of every int8 matmul in the model (weights stored [N K]): q, k/v, o, gate/up, down, tied head."""
     c = GemmaConfig.from_preset(preset)
     D, F = c.embed_dim, c.mlp_dim
-    return {(D, c.num_heads * c.head_dim, False), (D, c.num_kv_heads * c.head_dim, False),
-            (c.num_heads * c.head_dim, D, False), (D, F, False), (F, D, False), (D, c.vocab_size, True)}  # fmt: skip
+    return {(D, c.num_heads * c.head_dim), (D, c.num_kv_heads * c.head_dim), (c.num_heads * c.head_dim, D),
+            (D, F), (F, D), (D, c.vocab_size)}  # fmt: skip
 
 
 DECODE_M, PREFILL_M = (1, 16, 64), (512, 2048, 8192)
@@ -148,10 +148,10 @@ DECODE_M, PREFILL_M = (1, 16, 64), (512, 2048, 8192)
 def test_tpu_kernels_lower_for_tpu(preset):
     """Every W8A8 / W8A16 kernel configuration of Gemma 2 (decode and prefill M, bf16 activations) lowers to Mosaic."""
     S = jax.ShapeDtypeStruct
-    for k, n, transposed in sorted(_model_shapes(preset)):
-        w = S((n, k) if transposed else (k, n), jnp.int8)
+    for k, n in sorted(_model_shapes(preset)):
+        w = S((n, k), jnp.int8)
         for m in DECODE_M + PREFILL_M:
-            common = dict(w_transposed=transposed, out_dtype=jnp.bfloat16)
+            common = dict(w_transposed=True, out_dtype=jnp.bfloat16)
             w8a8 = lambda x, xs, w, ws: tpu.matmul(x, w, xs, ws, **common)
             w8a16 = lambda x, w, ws: tpu.matmul(x, w, None, ws, **common)
             for fn, args in ((w8a8, (S((m, k), jnp.int8), S((m, 1), jnp.float32), w, S((n,), jnp.float32))),
@@ -216,10 +216,10 @@ def test_gpu_kernels_lower_for_cuda(preset):
     """The Triton variant lowers too (compiled to PTX only by XLA on a GPU), one M per block regime."""
     S = jax.ShapeDtypeStruct
     triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    for k, n, transposed in sorted(_model_shapes(preset)):
-        w = S((n, k) if transposed else (k, n), jnp.int8)
+    for k, n in sorted(_model_shapes(preset)):
+        w = S((n, k), jnp.int8)
         for m in (1, 512):
-            fn = lambda x, w, ws: gpu.matmul(x, w, None, ws, w_transposed=transposed, out_dtype=jnp.bfloat16)
+            fn = lambda x, w, ws: gpu.matmul(x, w, None, ws, w_transposed=True, out_dtype=jnp.bfloat16)
             exported = jax.export.export(jax.jit(fn), platforms=("cuda",), disabled_checks=triton)
             assert "triton" in exported(S((m, k), jnp.bfloat16), w, S((n,), jnp.float32)).mlir_module()
 
@@ -227,7 +227,7 @@ def test_gpu_kernels_lower_for_cuda(preset):
 def test_default_blocks_fit_gemma_shapes_without_weight_padding():
     """Gemma's K and N are multiples of 128, so the planner never copies a weight to pad it."""
     for preset in GEMMA2:
-        for k, n, _ in _model_shapes(preset):
+        for k, n in _model_shapes(preset):
             for m in DECODE_M + PREFILL_M:
                 target = tpu.default_blocks(m)
                 assert tpu._fit(k, target.bk, 128)[1] == k and tpu._fit(n, target.bn, 128)[1] == n

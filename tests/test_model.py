@@ -99,8 +99,8 @@ def test_sliding_window_layers_cache_only_window_slots():
     cache = jax.eval_shape(lambda: init_cache(cfg, batch=2, max_len=8192, dtype=jnp.bfloat16))
     for i, kind in enumerate(cfg.layer_kinds):
         slots = 4096 if kind == "local" else 8192
-        assert cache[f"layer_{i}"]["k"].shape == (2, slots, 4, 256)
-        assert cache[f"layer_{i}"]["v"].shape == (2, slots, 4, 256)
+        assert cache[f"layer_{i}"]["k"].shape == (2, 4, slots, 256)
+        assert cache[f"layer_{i}"]["v"].shape == (2, 4, 256, slots)
         assert cache[f"layer_{i}"]["pos"].shape == (2, slots)
     assert cfg.layer_kinds[:2] == ("local", "global")  # HF: even layers slide
 

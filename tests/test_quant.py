@@ -49,8 +49,7 @@ def _dequantized(qparams) -> dict:
     for path, x in flat.items():
         if x.dtype == jnp.int8:
             s = flat[path[:-1] + ("scale",)]
-            s = s[:, None] if path[-1] == "embedding" else s.reshape((1,) * (x.ndim - s.ndim) + s.shape)
-            out[path] = x.astype(jnp.float32) * s
+            out[path] = x.astype(jnp.float32) * s.reshape(s.shape + (1,) * (x.ndim - s.ndim))  # scales lead: [out..., in...]
         elif not (path[-1] == "scale" and path[:-1] + ("w",) in flat or path == ("embedder", "scale")):
             out[path] = x
     return unflatten_dict(out)
@@ -130,7 +129,9 @@ def test_smoothquant_keeps_the_float_model_and_rescues_w8a8_from_outlier_channel
     smoothed = {**flat, **norms}
     for path, fs in factors.items():
         smoothed[path] = functools.reduce(lambda w, f: w * f, fs, smoothed[path])
-    np.testing.assert_allclose(forward(unflatten_dict(smoothed)), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # The same function up to float32 rounding, which the 31x channels amplify on a few tokens (measured: max
+    # 2.1e-3 against logits up to 6.2, median 1e-5); a wrong factor moves logits by O(1).
+    np.testing.assert_allclose(forward(unflatten_dict(smoothed)), want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
     error = lambda scheme, **kw: np.abs(np.asarray(forward(quantize_params(config, params, scheme, **kw), scheme)) - want).mean()
     weight_only, plain, tuned = error("w8a16"), error("w8a8"), error("w8a8", calibration=calibration)
@@ -179,7 +180,7 @@ def test_sharded_quantized_logits_equal_unsharded(model, scheme, spec):
     layout = Layout(make_mesh(spec), INFERENCE if "fsdp" not in spec else TRAINING)  # TRAINING: weights split on fsdp too
     placed = jax.device_put(qparams, tree_shardings(layout, param_axes(config, quant=scheme), qparams))
     gate = placed["layer_0"]["mlp"]["gate"]
-    assert {s.data.shape[1] for s in gate["w"].addressable_shards} == {config.mlp_dim // layout.divisor("mlp")}
+    assert {s.data.shape[0] for s in gate["w"].addressable_shards} == {config.mlp_dim // layout.divisor("mlp")}
     tokens, positions, segments = _batch(config.vocab_size)
 
     def forward(params, layout):

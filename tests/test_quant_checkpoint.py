@@ -64,9 +64,9 @@ def test_quantized_checkpoint_is_half_size_and_restores_sharded(wide_checkpoint,
 
     for spec in ("data=2,fsdp=2,tensor=2", "tensor=8"):
         sharded = gemma_jax.load(tmp_path / "int8", dtype="float32", mesh=make_mesh(spec))
-        gate = sharded.params["layer_1"]["mlp"]["gate"]["w"]  # [D F] int8, F split over tensor
+        gate = sharded.params["layer_1"]["mlp"]["gate"]["w"]  # [F D] int8, F split over tensor
         tensor = dict(item.split("=") for item in spec.split(","))["tensor"]
-        assert gate.dtype == jnp.int8 and {s.data.shape[1] for s in gate.addressable_shards} == {1024 // int(tensor)}
+        assert gate.dtype == jnp.int8 and {s.data.shape[0] for s in gate.addressable_shards} == {1024 // int(tensor)}
         np.testing.assert_allclose(sharded.logits(ROWS), logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
 
 

@@ -38,10 +38,10 @@ def test_large_parameters_are_really_split(checkpoint):
     model = gemma_jax.load(path, dtype="float32", mesh=make_mesh("fsdp=2,tensor=4"))
     c, layer = model.config, model.params["layer_0"]
     shard = lambda x: {s.data.shape for s in x.addressable_shards}
-    assert shard(layer["attn"]["q"]["w"]) == {(c.embed_dim, c.num_heads // 4, c.head_dim)}
-    assert shard(layer["mlp"]["gate"]["w"]) == {(c.embed_dim, c.mlp_dim // 4)}
-    assert shard(layer["mlp"]["down"]["w"]) == {(c.mlp_dim // 4, c.embed_dim)}
-    kv = (c.embed_dim, c.num_kv_heads // 4 if c.num_kv_heads % 4 == 0 else c.num_kv_heads, c.head_dim)
+    assert shard(layer["attn"]["q"]["w"]) == {(c.num_heads // 4, c.head_dim, c.embed_dim)}
+    assert shard(layer["mlp"]["gate"]["w"]) == {(c.mlp_dim // 4, c.embed_dim)}
+    assert shard(layer["mlp"]["down"]["w"]) == {(c.embed_dim, c.mlp_dim // 4)}
+    kv = (c.num_kv_heads // 4 if c.num_kv_heads % 4 == 0 else c.num_kv_heads, c.head_dim, c.embed_dim)
     assert shard(layer["attn"]["k"]["w"]) == {kv}  # 2 kv heads on tensor=4 fall back to replication
     vocab = c.vocab_size // 4 if c.vocab_size % 4 == 0 else c.vocab_size
     assert shard(model.params["embedder"]["embedding"]) == {(vocab, c.embed_dim)}

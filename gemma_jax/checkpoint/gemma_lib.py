@@ -11,10 +11,10 @@ Layouts (N heads, K kv heads, D embed, H head_dim, F mlp, V vocab), from the lib
     embedder/input_embedding     [V', D]     V' >= V: 256128 rows for 256000 tokens (padding rows, dropped)
     attn/q_einsum/w              [N, D, H]   with kv_einsum/w [2, K, D, H] (k, v), when K < N
     attn/qkv_einsum/w            [3, N, D, H] when K == N (Gemma 1 7B)
-    attn/attn_vec_einsum/w       [N, H, D]   = our o
+    attn/attn_vec_einsum/w       [N, H, D]   our o is [D, N, H]
     attn/_query_norm, _key_norm  [H]         Gemma 3 QK-norm
     mlp/gating_einsum            [2, D, F], or [2, F, D] ("transposed": Gemma 2 9B/27B); [0] gate, [1] up
-    mlp/linear                   [F, D]      = our down
+    mlp/linear                   [F, D]      our down is [D, F]
     pre_attention_norm, post_attention_norm, pre_ffw_norm, post_ffw_norm, final_norm: scale [D]
 
 Norm scales mean `1 + scale`, as in HF and ours, and RoPE is split-half in both, so nothing else
@@ -150,8 +150,8 @@ def _recipe(config: GemmaConfig, shapes: Mapping[str, Shape], where: str) -> dic
     if transposed and F == D:
         raise ValueError(f"{where}: mlp_dim == embed_dim, so the gating einsum's layout is ambiguous")
     fused = "layer_0/attn/qkv_einsum/w" in shapes
-    heads = lambda t: t.transpose(1, 0, 2)  # [heads, D, H] -> [D, heads, H]
-    gate_up = (lambda i: lambda x: x[i].T) if transposed else (lambda i: lambda x: x[i])
+    heads = lambda t: t.transpose(0, 2, 1)  # [heads, D, H] -> [heads, H, D]
+    gate_up = (lambda i: lambda x: x[i]) if transposed else (lambda i: lambda x: x[i].T)  # -> [F, D]
 
     expected: dict[str, Shape] = {"embedder/input_embedding": (rows, D), "final_norm/scale": (D,)}
     recipe: dict[ParamPath, tuple[str, Transform]] = {
@@ -170,7 +170,7 @@ def _recipe(config: GemmaConfig, shapes: Mapping[str, Shape], where: str) -> dic
         for name, entry in zip("qkv", qkv):
             recipe[(ours, "attn", name, "w")] = entry
         expected[g + "attn/attn_vec_einsum/w"] = (N, H, D)
-        recipe[(ours, "attn", "o", "w")] = (g + "attn/attn_vec_einsum/w", lambda x: x)
+        recipe[(ours, "attn", "o", "w")] = (g + "attn/attn_vec_einsum/w", lambda x: x.transpose(2, 0, 1))
         if config.use_qk_norm:
             for name, stored in (("q_norm", "_query_norm"), ("k_norm", "_key_norm")):
                 expected[g + f"attn/{stored}/scale"] = (H,)
@@ -179,7 +179,7 @@ def _recipe(config: GemmaConfig, shapes: Mapping[str, Shape], where: str) -> dic
         expected[g + "mlp/linear"] = (F, D)
         recipe[(ours, "mlp", "gate", "w")] = (g + "mlp/gating_einsum", gate_up(0))
         recipe[(ours, "mlp", "up", "w")] = (g + "mlp/gating_einsum", gate_up(1))
-        recipe[(ours, "mlp", "down", "w")] = (g + "mlp/linear", lambda x: x)
+        recipe[(ours, "mlp", "down", "w")] = (g + "mlp/linear", lambda x: x.T)
         for name, stored in _NORMS.items():
             if config.use_post_norms or not name.startswith("post"):
                 expected[g + f"{stored}/scale"] = (D,)

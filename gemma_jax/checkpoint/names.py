@@ -2,9 +2,9 @@
 
 Loading and saving both read `_TABLE`, so the two directions cannot drift apart: each row
 gives the HF name, our path, both shapes (as dimension letters) and whether HF stores the
-tensor as a torch ``Linear`` weight (``[out, in]``, i.e. transposed relative to our
-``x @ w`` layout). Converting is then always "transpose if Linear, then reshape", and the
-inverse is "reshape to the transposed HF shape, then transpose".
+tensor as a torch ``Linear`` weight (the projections, which compressed-tensors quantizes).
+Our weights keep HF's ``[out, in]`` order with the head dims split out (q ``[N*H, D]`` is our
+``[N, H, D]``), so converting either way is a reshape, never a transpose.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ _TABLE: tuple[tuple[str, str, str, str, bool, str | None], ...] = (
     # HF name template                                      our path template                 HF      ours     Linear when
     ("model.embed_tokens.weight",                           "embedder/embedding",              "V D",  "V D",   False,  None),
     ("model.layers.{i}.input_layernorm.weight",             "layer_{i}/pre_attn_norm/scale",   "D",    "D",     False,  None),
-    ("model.layers.{i}.self_attn.q_proj.weight",            "layer_{i}/attn/q/w",              "NH D", "D N H", True,   None),
-    ("model.layers.{i}.self_attn.k_proj.weight",            "layer_{i}/attn/k/w",              "KH D", "D K H", True,   None),
-    ("model.layers.{i}.self_attn.v_proj.weight",            "layer_{i}/attn/v/w",              "KH D", "D K H", True,   None),
-    ("model.layers.{i}.self_attn.o_proj.weight",            "layer_{i}/attn/o/w",              "D NH", "N H D", True,   None),
+    ("model.layers.{i}.self_attn.q_proj.weight",            "layer_{i}/attn/q/w",              "NH D", "N H D", True,   None),
+    ("model.layers.{i}.self_attn.k_proj.weight",            "layer_{i}/attn/k/w",              "KH D", "K H D", True,   None),
+    ("model.layers.{i}.self_attn.v_proj.weight",            "layer_{i}/attn/v/w",              "KH D", "K H D", True,   None),
+    ("model.layers.{i}.self_attn.o_proj.weight",            "layer_{i}/attn/o/w",              "D NH", "D N H", True,   None),
     ("model.layers.{i}.self_attn.q_norm.weight",            "layer_{i}/attn/q_norm/scale",     "H",    "H",     False,  "qk_norm"),
     ("model.layers.{i}.self_attn.k_norm.weight",            "layer_{i}/attn/k_norm/scale",     "H",    "H",     False,  "qk_norm"),
     ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/post_attn_norm/scale",  "D",    "D",     False,  "post_norms"),
     ("model.layers.{i}.pre_feedforward_layernorm.weight",   "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  "post_norms"),
     ("model.layers.{i}.post_attention_layernorm.weight",    "layer_{i}/pre_ffw_norm/scale",    "D",    "D",     False,  "no_post_norms"),
-    ("model.layers.{i}.mlp.gate_proj.weight",               "layer_{i}/mlp/gate/w",            "F D",  "D F",   True,   None),
-    ("model.layers.{i}.mlp.up_proj.weight",                 "layer_{i}/mlp/up/w",              "F D",  "D F",   True,   None),
-    ("model.layers.{i}.mlp.down_proj.weight",               "layer_{i}/mlp/down/w",            "D F",  "F D",   True,   None),
+    ("model.layers.{i}.mlp.gate_proj.weight",               "layer_{i}/mlp/gate/w",            "F D",  "F D",   True,   None),
+    ("model.layers.{i}.mlp.up_proj.weight",                 "layer_{i}/mlp/up/w",              "F D",  "F D",   True,   None),
+    ("model.layers.{i}.mlp.down_proj.weight",               "layer_{i}/mlp/down/w",            "D F",  "D F",   True,   None),
     ("model.layers.{i}.post_feedforward_layernorm.weight",  "layer_{i}/post_ffw_norm/scale",   "D",    "D",     False,  "post_norms"),
     ("model.norm.weight",                                   "final_norm/scale",                "D",    "D",     False,  None),
 )
@@ -63,11 +63,11 @@ class TensorSpec:
 
     def to_ours(self, x: np.ndarray) -> np.ndarray:
         """HF layout -> ours, C-contiguous so later device transfers and saves see plain memory."""
-        return np.ascontiguousarray(x.T.reshape(self.shape) if self.linear else x.reshape(self.shape))
+        return np.ascontiguousarray(x.reshape(self.shape))
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         """Ours -> HF layout, C-contiguous: safetensors writes raw memory and ignores strides."""
-        return np.ascontiguousarray(x.reshape(self.hf_shape[::-1]).T if self.linear else x.reshape(self.hf_shape))
+        return np.ascontiguousarray(x.reshape(self.hf_shape))
 
 
 def _shape(spec: str, dims: dict[str, int]) -> tuple[int, ...]:

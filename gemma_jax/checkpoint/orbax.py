@@ -2,7 +2,7 @@
 
 A checkpoint directory holds:
 
-    gemma_config.json  {"format": "gemma_jax", "version": 1, "config": {GemmaConfig fields},
+    gemma_config.json  {"format": "gemma_jax", "version": 2, "config": {GemmaConfig fields},
                         "quant": null, or "w8a8"/"w8a16" for an int8 tree (see gemma_jax/quant.py)}
     tokenizer.model    the sentencepiece model, when the source had one
     params/            an Orbax checkpoint of the params pytree ({"embedder": {"embedding": ...},
@@ -47,7 +47,7 @@ from gemma_jax.checkpoint.names import ParamPath, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
-FORMAT, VERSION = "gemma_jax", 1
+FORMAT, VERSION = "gemma_jax", 2  # 2: weights stored [out..., in...] (1: [in..., out...])
 CONFIG_FILE = "gemma_config.json"
 PARAMS_DIR = "params"
 GROUP_BYTES = 256 * 2**20  # tensors per partial save: fewer calls (~0.1 s each) vs host memory
@@ -144,8 +144,9 @@ def _read_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"{file} not found; an Orbax checkpoint of ours needs a {CONFIG_FILE}")
     meta = read_json(file)
     if (meta.get("format"), meta.get("version")) != (FORMAT, VERSION):
+        hint = "; version 1 stored weights [in, out]: convert the original checkpoint again" if meta.get("version") == 1 else ""
         raise ValueError(f"{file}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-                         f"expected {FORMAT!r} version {VERSION}")  # fmt: skip
+                         f"expected {FORMAT!r} version {VERSION}{hint}")  # fmt: skip
     return file, meta
 
 

@@ -6,10 +6,10 @@ which implementation runs (see `dispatch`).
 """
 
 from gemma_jax.kernels.dispatch import BACKENDS, Split, resolve_backend, split_of, use_backend, w8a8_matmul, w8a16_matmul
-from gemma_jax.kernels.einsum import SCHEMES, int8_einsum
+from gemma_jax.kernels.einsum import SCHEMES, int8_einsum, projection_dims
 from gemma_jax.kernels.reference import quantize_rows
 
 __all__ = [
-    "BACKENDS", "SCHEMES", "Split", "int8_einsum", "quantize_rows", "resolve_backend", "split_of", "use_backend",
+    "BACKENDS", "SCHEMES", "Split", "int8_einsum", "projection_dims", "quantize_rows", "resolve_backend", "split_of", "use_backend",
     "w8a8_matmul", "w8a16_matmul",
 ]  # fmt: skip

@@ -31,7 +31,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
-from sharding import active_layout
+from sharding import mesh_layout
 
 Array = jax.Array
 IMPLEMENTATIONS = ("xla", "splash")
@@ -70,8 +70,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, window
         out = per_row(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids)
         return out.transpose(0, 3, 1, 2, 4)  # b k G T H -> b T k G H
 
-    layout = active_layout()
-    if layout is None or layout.mesh.size == 1:
+    layout = mesh_layout()
+    if layout is None:
         return local(q, k, v, segment_ids)
     batch, heads = (layout.spec(("act_batch", "act_kv_heads"), (B, K))[i] for i in (0, 1))
     return jax.shard_map(

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from gemma_jax.kernels import gpu, reference, tpu
-from sharding import active_layout
+from sharding import mesh_layout
 
 Array = jax.Array
 BACKENDS = ("xla", "tpu", "gpu")
@@ -105,8 +105,8 @@ def split_of(w_axes: Sequence[str | None], w_shape: Sequence[int], contracted: S
 
     Mesh axes that split the rows are dropped from the weight (gathered first, as FSDP does).
     """
-    layout = active_layout()
-    if layout is None or layout.mesh.size == 1:
+    layout = mesh_layout()
+    if layout is None:
         return None
     spec = tuple(layout.spec(w_axes, w_shape))
     m = _names(layout.spec(("act_batch",), (rows,))[0])
@@ -185,8 +185,7 @@ def w8a16_matmul(
 
 def _call(w8a8: bool, x: Array, w_transposed: bool, out_dtype, backend: str | None, blocks, split: Split | None) -> _Call:
     name = resolve_backend(backend)
-    layout = active_layout()
-    if layout is not None and layout.mesh.size > 1 and (name == "xla" or split is None):
+    if mesh_layout() is not None and (name == "xla" or split is None):
         name, split = "xla", None  # GSPMD partitions the XLA path itself; a pallas_call is opaque to it
     return _Call(w8a8, name, w_transposed, jnp.dtype(out_dtype or x.dtype), blocks, _interpret(), split)
 
