@@ -86,16 +86,17 @@ class Embedder(nn.Module):
     embed_dim: int
     param_dtype: jnp.dtype = jnp.float32
     quant: str | None = None  # int8 rows with per-row scales (see the module docstring)
+    AXES = ("vocab", "embed")  # logical axes of the table (a constant, not a module field)
 
     def setup(self) -> None:
         shape = (self.vocab_size, self.embed_dim)
         if self.quant is not None or self.has_variable("params", "scale"):
             zeros, ones = nn.initializers.zeros, nn.initializers.ones  # placeholders, as in Einsum
-            self.embedding = self.param("embedding", nn.with_logical_partitioning(zeros, ("vocab", "embed")), shape, jnp.int8)
+            self.embedding = self.param("embedding", nn.with_logical_partitioning(zeros, self.AXES), shape, jnp.int8)
             self.scale = self.param("scale", nn.with_logical_partitioning(ones, ("vocab",)), shape[:1], jnp.float32)
             return
         std_normal_rows = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0)  # ~1/sqrt(D)
-        init = nn.with_logical_partitioning(std_normal_rows, ("vocab", "embed"))
+        init = nn.with_logical_partitioning(std_normal_rows, self.AXES)
         self.embedding = self.param("embedding", init, shape, self.param_dtype)
 
     def encode(self, tokens: Array, dtype: jnp.dtype) -> Array:
@@ -110,7 +111,7 @@ class Embedder(nn.Module):
         """[... D] -> float32 logits [... V]."""
         if self.embedding.dtype == jnp.int8:
             return int8_einsum("...D,VD->...V", x, self.embedding, self.scale, scheme=_scheme(self.quant),
-                               w_axes=("vocab", "embed"), out_dtype=jnp.float32)  # fmt: skip
+                               w_axes=self.AXES, out_dtype=jnp.float32)  # fmt: skip
         return project("...D,VD->...V", x, self.embedding.astype(x.dtype), preferred_element_type=jnp.float32)
 
 

@@ -112,11 +112,10 @@ def write_cache(cache: LayerCache, k: Array, v: Array, k_pos: Array) -> LayerCac
     keep = (k_pos >= 0) & (k_pos > newest - slots)
     slot = jnp.where(keep, k_pos % slots, slots)  # B T; out of range -> dropped by mode="drop"
     rows = jnp.arange(k_pos.shape[0])[:, None]
-    drop = dict(mode="drop")
     return {  # (rows, slot) index [B T] first, then the other dims in order: each update is [B T K H]
-        "k": cache["k"].at[rows, :, slot].set(k.astype(cache["k"].dtype), **drop),
-        "v": cache["v"].at[rows, :, :, slot].set(v.astype(cache["v"].dtype), **drop),
-        "pos": cache["pos"].at[rows, slot].set(k_pos, **drop),
+        "k": cache["k"].at[rows, :, slot].set(k.astype(cache["k"].dtype), mode="drop"),
+        "v": cache["v"].at[rows, :, :, slot].set(v.astype(cache["v"].dtype), mode="drop"),
+        "pos": cache["pos"].at[rows, slot].set(k_pos, mode="drop"),
     }
 
 

@@ -129,13 +129,17 @@ def test_smoothquant_keeps_the_float_model_and_rescues_w8a8_from_outlier_channel
     smoothed = {**flat, **norms}
     for path, fs in factors.items():
         smoothed[path] = functools.reduce(lambda w, f: w * f, fs, smoothed[path])
-    # The same function up to float32 rounding, which the 31x channels amplify on a few tokens (measured: max
-    # 2.1e-3 against logits up to 6.2, median 1e-5); a wrong factor moves logits by O(1).
-    np.testing.assert_allclose(forward(unflatten_dict(smoothed)), want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+    # The same function up to float32 rounding. The 31x channels make some tokens sensitive to it, so the
+    # bound is this model's own rounding noise: its logits when every weight moves by 2^-22 relative
+    # (measured: 3.0e-3 at one token, median 2e-5; the rewrite: 2.4e-3). A wrong factor moves logits by O(1).
+    rng = np.random.default_rng(0)
+    nudged = {path: w * (1 + rng.choice([-1.0, 1.0], w.shape) * 2.0**-22).astype(w.dtype) for path, w in flat.items()}
+    noise = np.abs(np.asarray(forward(unflatten_dict(nudged))) - want).max()
+    np.testing.assert_allclose(forward(unflatten_dict(smoothed)), want, rtol=0, atol=max(noise, 1e-4 * np.abs(want).max()))
 
     error = lambda scheme, **kw: np.abs(np.asarray(forward(quantize_params(config, params, scheme, **kw), scheme)) - want).mean()
     weight_only, plain, tuned = error("w8a16"), error("w8a8"), error("w8a8", calibration=calibration)
-    assert tuned - weight_only < (plain - weight_only) / 3, (weight_only, plain, tuned)  # measured: 0.095, 0.179, 0.111
+    assert tuned - weight_only < (plain - weight_only) / 3, (weight_only, plain, tuned)  # measured: 0.138, 0.263, 0.164
     with pytest.raises(ValueError, match="for w8a8"):
         quantize_params(config, params, "w8a16", calibration=calibration)
 

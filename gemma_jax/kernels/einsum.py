@@ -44,7 +44,7 @@ def int8_einsum(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    _, w_dims, _, n = projection_dims(eqn)
+    n = projection_dims(eqn)[3]
     out = wq.shape[: wq.ndim - n]
     if ws.shape != out:
         raise ValueError(f"int8 einsum {eqn!r}: scale shape {ws.shape} is not the weight's output shape {out}")
