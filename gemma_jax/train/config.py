@@ -18,51 +18,65 @@ import configs
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # every projection ("all-linear" LoRA)
 EXPORT_FORMATS = ("hf", "orbax")  # those of `gemma-jax convert` that hold a merged model
+# Peak learning rates when none is given: full fine-tuning moves pretrained weights gently; LoRA's
+# zero-initialised adapters need a rate about 20x higher to learn anything in a short run.
+DEFAULT_LEARNING_RATE = {"full": 1e-5, "lora": 2e-4}
+# Warm-up when none is given: this fraction of the run, at most WARMUP_CAP steps, so a short run
+# reaches its peak rate early instead of spending all its steps (or more) warming up.
+WARMUP_FRACTION, WARMUP_CAP = 0.1, 100
+SCHEDULE_FIELDS = ("steps", "learning_rate", "warmup_steps", "min_lr_ratio")  # what shapes the learning-rate curve
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A TrainConfig field (dataclasses.MISSING: required) with its line in `settings_help`."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a fine-tuning run needs. Batch sizes count packed rows of `seq_len` tokens."""
 
-    ckpt: str  # source checkpoint (HF directory, or anything `gemma_jax.load` opens)
-    data: str  # training JSONL: {"text": ...} or {"messages": [{"role", "content"}, ...]} per line
-    out: str  # RUN_DIR: checkpoints, metrics.jsonl, train_config.yaml, export/
-    eval_data: str | None = None
-    steps: int = 1000  # optimizer steps
-    seq_len: int = 1024
-    batch_size: int = 8  # rows per optimizer step (global, over all devices)
-    grad_accum: int = 1  # micro-batches per step: batch_size / grad_accum rows go through the model at once
-    learning_rate: float = 1e-5  # peak, after linear warm-up; cosine decay to min_lr_ratio * peak at `steps`
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0  # AdamW's decoupled decay, on matrices only (not norms)
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables
-    param_dtype: str = "float32"  # trained params (master weights); AdamW's 2nd moment follows it, its 1st is float32
-    base_dtype: str | None = None  # LoRA: the frozen base's dtype (default: param_dtype)
-    compute_dtype: str | None = None  # activations; default float32 on CPU, bfloat16 elsewhere
-    remat: str = "none"  # "none", "block" or "dots" (see gemma_jax.model.REMAT_POLICIES)
-    mesh: str | None = None  # e.g. "fsdp=8" or "data=2,fsdp=4"; default: every device on fsdp
-    dcn: str | None = None  # multi-slice: mesh sizes across slices, e.g. "data=2" (`mesh` then sizes one slice)
-    lora_rank: int = 0  # 0 = full fine-tuning
-    lora_alpha: float = 16.0  # the LoRA update is scaled by alpha / rank
-    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
-    quant: str | None = None  # LoRA on an int8 base: "w8a16" or "w8a8" (the base is quantized on load)
-    seed: int = 0
-    save_every: int = 500  # checkpoint every N steps (and at the end, and on SIGTERM)
-    keep: int = 3  # checkpoints kept
-    eval_every: int = 200  # 0: only at the end
-    eval_batches: int | None = None  # cap on eval batches per evaluation (None: the whole eval set)
-    export: tuple[str, ...] = EXPORT_FORMATS  # formats of the final merged model, in RUN_DIR/export/<format>
-    export_dtype: str = "bfloat16"
+    ckpt: str = _setting(dataclasses.MISSING, "source checkpoint: HF directory, .gguf file, or anything gemma_jax.load opens")
+    data: str = _setting(dataclasses.MISSING, 'training JSONL: {"text": ...} or {"messages": [{"role", "content"}, ...]} per line')
+    out: str = _setting(dataclasses.MISSING, "RUN_DIR: checkpoints, metrics.jsonl, train_config.yaml, export/")
+    eval_data: str | None = _setting(None, "evaluation JSONL (same format): loss and perplexity every eval_every steps")
+    steps: int = _setting(1000, "optimizer steps")
+    seq_len: int = _setting(1024, "tokens per packed row (at most the model's context)")
+    batch_size: int = _setting(8, "rows per optimizer step (global, over all devices)")
+    grad_accum: int = _setting(1, "micro-batches per step: batch_size / grad_accum rows go through the model at once")
+    learning_rate: float | None = _setting(None, "peak rate after warm-up, then cosine decay to min_lr_ratio * peak at "
+                                                 "`steps`; default 1e-5, or 2e-4 with LoRA (lora_rank > 0)")
+    warmup_steps: int | None = _setting(None, "linear warm-up steps from 0 to the peak; default 10% of steps, at most 100")
+    min_lr_ratio: float = _setting(0.1, "the rate at the last step, as a fraction of the peak")
+    weight_decay: float = _setting(0.0, "AdamW's decoupled decay, on matrices only (not norms)")
+    adam_b1: float = _setting(0.9, "AdamW beta1")
+    adam_b2: float = _setting(0.999, "AdamW beta2")
+    adam_eps: float = _setting(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _setting(1.0, "global-norm gradient clipping; 0 disables")
+    param_dtype: str = _setting("float32", "trained params (master weights); AdamW's 2nd moment follows it, its 1st is float32")
+    base_dtype: str | None = _setting(None, "LoRA: the frozen base's dtype (default: param_dtype)")
+    compute_dtype: str | None = _setting(None, "activations (default: float32 on CPU, bfloat16 elsewhere)")
+    remat: str = _setting("none", "rematerialisation: none, block or dots (block saves the most memory)")
+    mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: every device on fsdp)")
+    dcn: str | None = _setting(None, "multi-slice: mesh sizes across slices, e.g. data=2 (mesh then sizes one slice)")
+    lora_rank: int = _setting(0, "rank of LoRA adapters on a frozen base; 0: full fine-tuning")
+    lora_alpha: float = _setting(16.0, "the LoRA update is scaled by lora_alpha / lora_rank")
+    lora_targets: tuple[str, ...] = _setting(DEFAULT_TARGETS, "projections that get adapters")
+    quant: str | None = _setting(None, "LoRA on an int8 base: w8a16 or w8a8 (the base is quantized on load)")
+    seed: int = _setting(0, "LoRA initialisation and data order")
+    save_every: int = _setting(500, "checkpoint every N steps (and at the end, and on SIGTERM)")
+    keep: int = _setting(3, "checkpoints kept")
+    eval_every: int = _setting(200, "evaluate every N steps; 0: only at the end")
+    eval_batches: int | None = _setting(None, "cap on eval batches per evaluation (default: the whole eval set)")
+    export: tuple[str, ...] = _setting(EXPORT_FORMATS, "formats of the final merged model, in RUN_DIR/export/<format>")
+    export_dtype: str = _setting("bfloat16", "dtype of the exported model")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # YAML reads "1e-5" as a string and "[q, v]" as a list
             value = getattr(self, f.name)
-            if f.type in ("int", "float") and isinstance(value, (str, int, float)):
-                object.__setattr__(self, f.name, (int if f.type == "int" else float)(value))
+            kind = f.type.removesuffix(" | None")
+            if kind in ("int", "float") and isinstance(value, (str, int, float)):
+                object.__setattr__(self, f.name, (int if kind == "int" else float)(value))
             elif f.type.startswith("tuple") and value is not None:
                 object.__setattr__(self, f.name, (value,) if isinstance(value, str) else tuple(value))
         positive = ("steps", "seq_len", "batch_size", "grad_accum", "save_every", "keep")
@@ -77,6 +91,22 @@ class TrainConfig:
             raise ValueError(f"unknown export formats {sorted(set(self.export) - set(EXPORT_FORMATS))}; known: {EXPORT_FORMATS}")
         if self.quant is not None and not self.lora_rank:
             raise ValueError("an int8 base (quant) is frozen, so it needs LoRA (lora_rank > 0)")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}): "
+                             "a warm-up as long as the run never reaches the learning rate")  # fmt: skip
+
+    def schedule(self) -> dict[str, Any]:
+        """The learning-rate curve's settings (SCHEDULE_FIELDS), defaults resolved.
+
+        learning_rate: DEFAULT_LEARNING_RATE of the mode (LoRA when lora_rank > 0, else full);
+        warmup_steps: WARMUP_FRACTION of the steps (at least 1), at most WARMUP_CAP.
+        """
+        mode = "lora" if self.lora_rank else "full"
+        lr = DEFAULT_LEARNING_RATE[mode] if self.learning_rate is None else self.learning_rate
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = min(WARMUP_CAP, max(1, round(WARMUP_FRACTION * self.steps)), self.steps - 1)
+        return {"steps": self.steps, "learning_rate": lr, "warmup_steps": warmup, "min_lr_ratio": self.min_lr_ratio}
 
     @property
     def micro_batch(self) -> int:
@@ -102,6 +132,28 @@ def load_train_config(config: str | None, overrides: Mapping[str, Any]) -> Train
     if missing:
         raise ValueError(f"missing required settings: {', '.join(missing)}")
     return TrainConfig(**values)
+
+
+def settings_help() -> str:
+    """Every setting, its default and what it does: the KEY=VALUE list that `--help` shows."""
+    lines = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is dataclasses.MISSING:
+            key = f"{f.name} (required)"
+        elif f.default is None:
+            key = f.name
+        else:
+            value = list(f.default) if isinstance(f.default, tuple) else f.default
+            key = f"{f.name}={yaml.safe_dump(value, default_flow_style=True).splitlines()[0]}"  # as KEY=VALUE reads it
+        lines.append(f"  {key:<34} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def schedule_change(saved: Mapping[str, Any], cfg: TrainConfig) -> str | None:
+    """How `cfg`'s learning-rate schedule differs from the `saved` one (a checkpoint's), or None if it does not."""
+    now = cfg.schedule()
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in SCHEDULE_FIELDS if k in saved and saved[k] != now[k]]
+    return ", ".join(changed) or None
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

@@ -70,11 +70,12 @@ class StepSpec:
     @classmethod
     def create(cls, cfg: TrainConfig, config: GemmaConfig, layout: Layout) -> StepSpec:
         """The step of run settings `cfg` for model `config` on `layout`."""
+        schedule = cfg.schedule()
         return cls(
             config=config, layout=layout, compute_dtype=cfg.compute_dtype or default_compute_dtype(),
             param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
-            lora=lora_lib.LoraSpec.create(cfg), quant=cfg.quant, learning_rate=cfg.learning_rate,
-            warmup_steps=cfg.warmup_steps, total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
+            lora=lora_lib.LoraSpec.create(cfg), quant=cfg.quant, learning_rate=schedule["learning_rate"],
+            warmup_steps=schedule["warmup_steps"], total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
             weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
         )  # fmt: skip
