@@ -4,14 +4,16 @@
         [--mesh fsdp=8] [--lora-rank R] [--config NAME|FILE.yaml] [--resume] [KEY=VALUE ...]
 
 Settings come from the TrainConfig defaults, then `--config`, then the flags, then KEY=VALUE
-overrides (any TrainConfig field, e.g. `learning_rate=2e-4 grad_accum=4 remat=block`).
+overrides (any TrainConfig field, e.g. `learning_rate=2e-4 grad_accum=4 remat=block`), which may
+stand anywhere on the line; `--help` lists them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
-from gemma_jax.train.config import load_train_config, parse_overrides
+from gemma_jax.train.config import load_train_config, parse_overrides, settings_help
 
 # Flags that map straight onto TrainConfig fields (None: not given, so lower layers decide).
 _FIELD_FLAGS = ("ckpt", "data", "eval_data", "out", "steps", "mesh", "dcn", "lora_rank")
@@ -30,8 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint (fresh start if none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any TrainConfig setting, e.g. learning_rate=2e-4")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting below, e.g. learning_rate=2e-4 (anywhere on the line)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "settings (KEY=VALUE, or in a --config YAML; a flag sets the setting of its name):\n" + settings_help()
+    # argparse fills a positional list from one run of arguments only; a KEY=VALUE after an option
+    # would be "unrecognized". This parser may be a subcommand's, parsed by its parent's
+    # parse_args, so the stray KEY=VALUEs are gathered where argparse hands them back.
+    parser.parse_known_args = functools.partial(_gather_overrides, parser, parser.parse_known_args)
     return parser
+
+
+def _gather_overrides(parser: argparse.ArgumentParser, parse_known_args, args=None, namespace=None):
+    """parse_known_args, with KEY=VALUE arguments after the first options added to `overrides`."""
+    namespace, extras = parse_known_args(args, namespace)
+    stray = [a for a in extras if "=" in a and not a.startswith(tuple(parser.prefix_chars))]
+    namespace.overrides = [*(namespace.overrides or []), *stray]
+    return namespace, [a for a in extras if a not in stray]
 
 
 def run(args: argparse.Namespace) -> None:

@@ -33,8 +33,11 @@ from gemma_jax.api import load
 from gemma_jax.train import data as data_lib
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.checkpoint import Checkpoints
-from gemma_jax.train.config import TrainConfig
+from gemma_jax.checkpoint.resolve import checkpoint_path
+from gemma_jax.convert import open_source
+from gemma_jax.train.config import TrainConfig, schedule_change
 from gemma_jax.train.export import export
+from gemma_jax.train.memory import check_fits, device_memory, estimate_memory
 from gemma_jax.train.metrics import MetricsLog, flops_per_token, peak_flops
 from gemma_jax.train.step import Compiled, StepSpec, compiled
 from sharding import RULE_SETS, Layout, make_mesh, place, to_host
@@ -54,18 +57,19 @@ def finetune(
     cfg: TrainConfig, *, resume: bool = False, progress: bool = True, devices: Sequence[jax.Device] | None = None
 ) -> RunResult:
     """Run (or, with `resume`, continue) the fine-tuning described by `cfg` on `devices` (default: all)."""
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     leader = distributed.is_leader()
     layout = Layout(make_mesh(cfg.mesh or "fsdp=-1", dcn=cfg.dcn, devices=devices), RULE_SETS["training"])
-    lora = lora_lib.LoraSpec.create(cfg)
+    spec = StepSpec.create(cfg, open_source(checkpoint_path(cfg.ckpt)).config, layout)  # the config only: no weights read
+    _preflight(cfg, spec, leader)
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lora = spec.lora
     dtype = (cfg.base_dtype or cfg.param_dtype) if lora else cfg.param_dtype
     model = load(cfg.ckpt, dtype=dtype, mesh=layout.mesh, rules="training")
     if model.tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: fine-tuning needs a checkpoint with a tokenizer (tokenizer.model)")
     rows = data_lib.load_rows(cfg.data, model.tokenizer, cfg.seq_len)
     eval_rows = data_lib.load_rows(cfg.eval_data, model.tokenizer, cfg.seq_len) if cfg.eval_data else None
-    spec = StepSpec.create(cfg, model.config, layout)
     fns = compiled(spec)
     frozen = _frozen(model.params, spec, fns) if lora else {}
     checkpoints = Checkpoints(run_dir / "checkpoints", cfg.keep)
@@ -90,6 +94,23 @@ def finetune(
     return result
 
 
+def _preflight(cfg: TrainConfig, spec: StepSpec, leader: bool) -> None:
+    """Before any weight is loaded or step compiled: refuse a row longer than the model's context or a
+    step that cannot fit a device; report the learning-rate schedule and the memory estimate."""
+    if cfg.seq_len > spec.config.max_position:
+        raise ValueError(f"seq_len={cfg.seq_len} is beyond the context of {cfg.ckpt} ({spec.config.max_position} tokens); "
+                         f"set seq_len={spec.config.max_position} or less")  # fmt: skip
+    device = spec.layout.mesh.devices.flat[0]
+    memory, limit = estimate_memory(spec), device_memory(device)
+    if leader:
+        schedule, mode = cfg.schedule(), f"LoRA rank {cfg.lora_rank}" if spec.lora else "full fine-tuning"
+        peak = schedule["learning_rate"]
+        print(f"finetune: {mode}, {cfg.steps} steps of {cfg.batch_size} rows x {cfg.seq_len} tokens; learning rate "
+              f"{peak:g} after {schedule['warmup_steps']} warm-up steps, cosine decay to {peak * cfg.min_lr_ratio:g}\n"
+              f"finetune: {memory.describe(limit)}", file=sys.stderr)  # fmt: skip
+    check_fits(memory, limit, device.device_kind)
+
+
 def _train(
     cfg: TrainConfig, fns: Compiled, state: dict[str, Any], frozen: Any, rows: data_lib.Rows, eval_rows: data_lib.Rows | None,
     checkpoints: Checkpoints, meter: _Meter,
@@ -109,7 +130,8 @@ def _train(
                 meter.flush()
                 eval_loss = _evaluate(fns, state["params"], frozen, eval_rows, cfg, step, meter.log)
             if step % cfg.save_every == 0 or step == cfg.steps or stop.is_set():
-                meta = {"step": step, "rows_consumed": step * cfg.batch_size, "data_fingerprint": rows.fingerprint}
+                meta = {"step": step, "rows_consumed": step * cfg.batch_size, "data_fingerprint": rows.fingerprint,
+                        "schedule": cfg.schedule()}  # fmt: skip
                 checkpoints.save(step, state, meta)
         meter.flush()
         checkpoints.wait()
@@ -127,9 +149,16 @@ def _start(
         return fns.fresh_state(params, cfg.seed), False
     if not resume:
         raise FileExistsError(f"{cfg.out} has checkpoints (latest: step {latest}); pass --resume, or choose another --out")
+    if latest > cfg.steps:
+        raise ValueError(f"{cfg.out}: the latest checkpoint is at step {latest}, past steps={cfg.steps}; pass --steps {latest} or more")
     state, meta = checkpoints.restore(latest, _abstract_state(spec), fns.state)
-    if meta["data_fingerprint"] != fingerprint and distributed.is_leader():
-        print(f"warning: {cfg.data} packs differently than at checkpoint {latest}; batches will differ", file=sys.stderr)
+    if distributed.is_leader():
+        if meta["data_fingerprint"] != fingerprint:
+            print(f"warning: {cfg.data} packs differently than at checkpoint {latest}; batches will differ", file=sys.stderr)
+        change = schedule_change(meta.get("schedule", {}), cfg)
+        if change:
+            print(f"note: resuming at step {latest} with a different learning-rate schedule ({change}): "
+                  "the rate follows the new schedule from here on", file=sys.stderr)  # fmt: skip
     return state, True
 
 

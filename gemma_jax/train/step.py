@@ -107,12 +107,15 @@ class StepSpec:
         dtype = jnp.dtype(self.param_dtype)
         return jax.eval_shape(lambda: lora_lib.init_lora(self.config, self.lora, jax.random.PRNGKey(0), dtype))
 
+    def abstract_frozen(self) -> Any:
+        """The LoRA run's frozen base: shapes and dtypes (int8 weights and float32 scales for an int8 base)."""
+        return _abstract_params(self.config, self.base_dtype, self.quant)
+
     def frozen_shardings(self) -> Any:
         """The frozen base's shardings (LoRA), or an empty tree (full fine-tuning trains the base)."""
         if self.lora is None:
             return {}
-        abstract = _abstract_params(self.config, self.base_dtype, self.quant)
-        return tree_shardings(self.layout, _param_axes(self.config, self.quant), abstract)
+        return tree_shardings(self.layout, _param_axes(self.config, self.quant), self.abstract_frozen())
 
     def state_shardings(self) -> State:
         abstract = self.abstract_trained()
