@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -10,7 +13,8 @@ import pytest
 
 import gemma_jax
 from gemma_jax.tokenizer import END_OF_TURN, Tokenizer
-from gemma_jax.train.config import TrainConfig, load_train_config, parse_overrides
+from gemma_jax.train.cli import add_arguments
+from gemma_jax.train.config import TrainConfig, load_train_config, parse_overrides, schedule_change
 from gemma_jax.train.data import Batches, Example, eval_batches, encode_record, pack, read_examples
 from gemma_jax.train.step import StepSpec, loss_sums
 from sharding import RULE_SETS, Layout, make_mesh
@@ -116,3 +120,41 @@ def test_config_layers_and_overrides():
         TrainConfig(ckpt="c", data="d", out="o", batch_size=6, grad_accum=4)
     with pytest.raises(ValueError, match="unknown fine-tuning config"):
         load_train_config("nope", {})
+
+
+def test_short_runs_warm_up_within_the_run_and_lora_trains_at_the_lora_rate():
+    """Warm-up is 10% of the run (at most 100 steps): a 10-step run used to warm up for 100 and never move."""
+    run = lambda **kw: TrainConfig(ckpt="c", data="d", out="o", **kw)  # noqa: E731
+    assert [run(steps=n).schedule()["warmup_steps"] for n in (1, 10, 40, 1000, 5000)] == [0, 1, 4, 100, 100]
+    assert run(steps=10).schedule()["learning_rate"] == 1e-5
+    assert run(steps=10, lora_rank=4).schedule()["learning_rate"] == 2e-4  # --lora-rank alone: LoRA's rate
+    assert run(steps=10, lora_rank=4, learning_rate="1e-3").schedule()["learning_rate"] == 1e-3
+    assert load_train_config("full", {"ckpt": "c", "data": "d", "out": "o", "steps": 10}).schedule()["warmup_steps"] == 1
+    with pytest.raises(ValueError, match=r"warmup_steps=10 must be in \[0, steps=10\)"):
+        run(steps=10, warmup_steps=10)
+    layout = Layout(make_mesh("data=1", devices=jax.devices()[:1]), RULE_SETS["training"])
+    schedule = StepSpec.create(run(steps=10, lora_rank=4), gemma_jax.GemmaConfig.from_preset("gemma2-2b"), layout).schedule()
+    np.testing.assert_allclose([schedule(0), schedule(1), schedule(10)], [0, 2e-4, 2e-5], rtol=1e-6)  # peak at step 1
+
+
+def test_settings_go_anywhere_on_the_line_and_help_lists_them():
+    from gemma_jax.cli import build_parser
+
+    line = ["finetune", "seq_len=64", "--ckpt", "c", "learning_rate=3e-4", "--data", "d", "lora_targets=[q, v]", "--out", "o"]
+    args = build_parser().parse_args(line)
+    assert args.overrides == ["seq_len=64", "learning_rate=3e-4", "lora_targets=[q, v]"] and args.data == "d"
+    standalone = add_arguments(argparse.ArgumentParser())
+    assert standalone.parse_args(line[1:]).overrides == args.overrides
+    with pytest.raises(SystemExit):
+        standalone.parse_args([*line[1:], "--bogus"])
+    text = standalone.format_help()
+    assert all(re.search(rf"^  {f.name}\b", text, re.M) for f in dataclasses.fields(TrainConfig))
+    assert "steps=1000 " in text and "default 1e-5, or 2e-4 with LoRA" in text
+
+
+def test_resuming_with_other_steps_says_the_schedule_changes():
+    saved = TrainConfig(ckpt="c", data="d", out="o", steps=20).schedule()
+    assert schedule_change(saved, TrainConfig(ckpt="c", data="d", out="o", steps=20)) is None
+    change = schedule_change(saved, TrainConfig(ckpt="c", data="d", out="o", steps=40))
+    assert change == "steps 20 -> 40, warmup_steps 2 -> 4"
+    assert schedule_change({}, TrainConfig(ckpt="c", data="d", out="o", steps=40)) is None  # a checkpoint without one
