@@ -228,7 +228,8 @@ def test_short_lora_run_with_defaults_learns_and_resume_reports_the_new_schedule
     assert "memory per device (estimate): params " in done.stderr
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(losses) == 10 and losses[-1] < 0.98 * losses[0], losses  # on main: 17.0988 -> 17.0965
-    more = subprocess.run([*line, "--steps", "12", "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    resumed = [*line, "--resume", "--steps", "12"]
+    more = subprocess.run(resumed, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr
     assert "resuming at step 10 with a different learning-rate schedule (steps 10 -> 12)" in more.stderr
 

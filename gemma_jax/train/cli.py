@@ -27,12 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--mesh", help="device mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: every device on fsdp)")
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
-    parser.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning)")
+    parser.add_argument("--lora-rank", type=int, help="train rank-R LoRA adapters on a frozen base (0: full fine-tuning); "
+                        "the learning rate then defaults to LoRA's 2e-4")
     parser.add_argument("--config", help="a shipped config (configs/finetune/NAME.yaml) or a YAML file")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR's latest checkpoint (fresh start if none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="any setting below, e.g. learning_rate=2e-4 (anywhere on the line)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="any setting listed below, e.g. learning_rate=2e-4 (anywhere on the line)"
+    )
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "settings (KEY=VALUE, or in a --config YAML; a flag sets the setting of its name):\n" + settings_help()
     # argparse fills a positional list from one run of arguments only; a KEY=VALUE after an option

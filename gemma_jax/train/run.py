@@ -30,11 +30,11 @@ from tqdm import tqdm
 
 from gemma_jax import distributed
 from gemma_jax.api import load
+from gemma_jax.checkpoint.resolve import checkpoint_path
+from gemma_jax.convert import open_source
 from gemma_jax.train import data as data_lib
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.checkpoint import Checkpoints
-from gemma_jax.checkpoint.resolve import checkpoint_path
-from gemma_jax.convert import open_source
 from gemma_jax.train.config import TrainConfig, schedule_change
 from gemma_jax.train.export import export
 from gemma_jax.train.memory import check_fits, device_memory, estimate_memory
@@ -100,7 +100,7 @@ def _preflight(cfg: TrainConfig, spec: StepSpec, leader: bool) -> None:
     if cfg.seq_len > spec.config.max_position:
         raise ValueError(f"seq_len={cfg.seq_len} is beyond the context of {cfg.ckpt} ({spec.config.max_position} tokens); "
                          f"set seq_len={spec.config.max_position} or less")  # fmt: skip
-    device = spec.layout.mesh.devices.flat[0]
+    device = next(d for d in spec.layout.mesh.devices.flat if d.process_index == jax.process_index())  # one of ours
     memory, limit = estimate_memory(spec), device_memory(device)
     if leader:
         schedule, mode = cfg.schedule(), f"LoRA rank {cfg.lora_rank}" if spec.lora else "full fine-tuning"
@@ -150,7 +150,8 @@ def _start(
     if not resume:
         raise FileExistsError(f"{cfg.out} has checkpoints (latest: step {latest}); pass --resume, or choose another --out")
     if latest > cfg.steps:
-        raise ValueError(f"{cfg.out}: the latest checkpoint is at step {latest}, past steps={cfg.steps}; pass --steps {latest} or more")
+        raise ValueError(f"{cfg.out}: its latest checkpoint is at step {latest}, past steps={cfg.steps}; "
+                         f"pass --steps {latest} or more")  # fmt: skip
     state, meta = checkpoints.restore(latest, _abstract_state(spec), fns.state)
     if distributed.is_leader():
         if meta["data_fingerprint"] != fingerprint:
