@@ -37,7 +37,7 @@ class TrainConfig:
     """Everything a fine-tuning run needs. Batch sizes count packed rows of `seq_len` tokens."""
 
     ckpt: str = _setting(dataclasses.MISSING, "source checkpoint: HF directory, .gguf file, or anything gemma_jax.load opens")
-    data: str = _setting(dataclasses.MISSING, 'training JSONL: {"text": ...} or {"messages": [{"role", "content"}, ...]} a line')
+    data: str = _setting(dataclasses.MISSING, 'training JSONL: {"text": ...} or {"messages": [...]} per line (chat: loss on replies)')
     out: str = _setting(dataclasses.MISSING, "RUN_DIR: checkpoints, metrics.jsonl, train_config.yaml, export/")
     eval_data: str | None = _setting(None, "evaluation JSONL (same format): loss and perplexity every eval_every steps")
     steps: int = _setting(1000, "optimizer steps")
