@@ -12,7 +12,8 @@ from pathlib import Path
 from gemma_jax.checkpoint.resolve import GEMMA3_270M
 from gemma_jax.tiny import TINY_NAME
 
-CKPT_HELP = f"HF directory, .gguf file, '{GEMMA3_270M}' (real model, from the gemma3 extra) or '{TINY_NAME}' (random demo)"
+CKPT_HELP = (f"HF directory, .gguf file, Hugging Face repo id (e.g. google/gemma-2-2b; HF_HOME, HF_HUB_OFFLINE honoured), "
+             f"'{GEMMA3_270M}' (real model, from the gemma3 extra) or '{TINY_NAME}' (random demo)")
 DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "parameter dtype; auto = float32 on CPU (XLA's bf16 CPU matmuls are slow), else bfloat16"
 

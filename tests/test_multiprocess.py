@@ -1,6 +1,6 @@
 """Two cooperating processes (2 x 4 CPU devices, gloo) started by launch/local.sh produce
 exactly what one process produces. Results are compared through `infer`'s output file, which
-only process 0 writes (gloo logs to stdout, so stdout is not a clean channel)."""
+only process 0 writes; stdout stays clean (gloo's connection lines go to stderr)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _run(cmd: list[str], output: Path) -> dict[str, dict]:
     done = subprocess.run(cmd + ["--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "", done.stdout  # infer reports on stderr: nothing else may write to stdout
     return {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
 
 
