@@ -4,7 +4,8 @@
 #
 #   launch/local.sh N D -- gemma-jax generate --ckpt DIR --mesh data=2,tensor=4 --prompt "..."
 #
-# Process 0's output goes to this terminal; the others' to $LOG_DIR/process_I.log.
+# Process 0's output goes to this terminal; the others' to $LOG_DIR/process_I.log. stdout carries only
+# what the command prints: gloo's "[Gloo] Rank ... connected" lines go to stderr (gemma_jax/distributed.py).
 # Exits non-zero if any process fails.
 set -euo pipefail
 if [ $# -lt 4 ] || [ "$3" != "--" ]; then
