@@ -118,6 +118,7 @@ def _generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = _load_model(args)
     leader = distributed.is_leader()
+    prompt = distributed.text_from_leader(prompt)  # only process 0 has the terminal's stdin
     if args.chat and leader:
         _hint_if_base(args)
     loaded = time.perf_counter()

@@ -53,3 +53,14 @@ def from_leader(values: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return values
     return np.asarray(multihost_utils.broadcast_one_to_all(values))
+
+
+def text_from_leader(text: str) -> str:
+    """Process 0's `text` on every process: input only the leader reads (a prompt from the terminal's stdin)."""
+    if jax.process_count() == 1:
+        return text
+    data = np.frombuffer(text.encode(), np.uint8)
+    size = int(from_leader(np.array([data.size], np.int64))[0])
+    padded = np.zeros(size, np.uint8)
+    padded[: min(size, data.size)] = data[:size]
+    return from_leader(padded).tobytes().decode()

@@ -20,7 +20,8 @@ pids=()
 for ((i = 0; i < num; i++)); do
   run=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
        GEMMA_JAX_COORDINATOR="127.0.0.1:$port" GEMMA_JAX_NUM_PROCESSES="$num" GEMMA_JAX_PROCESS_ID="$i" "$@")
-  if [ "$i" = 0 ]; then "${run[@]}" & else "${run[@]}" > "$log_dir/process_$i.log" 2>&1 & fi
+  # Process 0 keeps this script's stdin (a background job would otherwise read /dev/null), e.g. for --prompt -.
+  if [ "$i" = 0 ]; then "${run[@]}" <&0 & else "${run[@]}" > "$log_dir/process_$i.log" 2>&1 & fi
   pids+=($!)
 done
 status=0
