@@ -66,7 +66,8 @@ def run_chat(
             print("[conversation cleared]", file=stderr)
             continue
         if text.startswith("/"):
-            print(f"unknown command {text.split()[0]}; commands: {COMMANDS}", file=stderr)
+            unknown = "" if text == "/help" else f"unknown command {text.split()[0]}; "
+            print(f"{unknown}commands: {COMMANDS}", file=stderr)
             continue
         messages.append({"role": "user", "content": text})
         try:

@@ -86,7 +86,7 @@ class _Echo:
 
 def test_chat_keeps_history_resets_and_survives_errors():
     model, out, err = _Echo(), io.StringIO(), io.StringIO()
-    lines = "Hello\n\n/nope\ntoo long\nAnd then?\n/reset\nAgain\n/exit\nnot read\n"
+    lines = "Hello\n\n/nope\n/help\ntoo long\nAnd then?\n/reset\nAgain\n/exit\nnot read\n"
     run_chat(model, system="Be brief.", stdin=io.StringIO(lines), stdout=out, stderr=err, max_new_tokens=8)
     system = {"role": "system", "content": "Be brief."}
     assert model.seen == [
@@ -99,6 +99,7 @@ def test_chat_keeps_history_resets_and_survives_errors():
     ]  # fmt: skip
     assert out.getvalue() == "reply 1\nreply 3\nreply 4\n"
     assert "unknown command /nope" in err.getvalue() and "does not fit the context" in err.getvalue()
+    assert "\ncommands: /reset" in err.getvalue()  # /help
     assert "[conversation cleared]" in err.getvalue()
 
 
