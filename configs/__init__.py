@@ -9,10 +9,10 @@ def _names(folder: str) -> list[str]:
 
 
 def _text(folder: str, name: str, what: str) -> str:
-    path = resources.files(__name__).joinpath(folder, f"{name}.yaml")
-    if not path.is_file():
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(_names(folder))}")
-    return path.read_text()
+    known = _names(folder)
+    if name not in known:  # a name, never a path: "../finetune/lora" must not reach another folder
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(known)}")
+    return resources.files(__name__).joinpath(folder, f"{name}.yaml").read_text()
 
 
 def model_preset_names() -> list[str]:

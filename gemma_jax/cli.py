@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.metadata
 import math
 import resource
 import sys
@@ -12,9 +14,41 @@ from pathlib import Path
 from gemma_jax.checkpoint.resolve import GEMMA3_270M
 from gemma_jax.tiny import TINY_NAME
 
-CKPT_HELP = f"HF directory, .gguf file, '{GEMMA3_270M}' (real model, from the gemma3 extra) or '{TINY_NAME}' (random demo)"
+CKPT_HELP = (f"HF directory, .gguf file, Hugging Face repo id (e.g. google/gemma-2-2b; HF_HOME, HF_HUB_OFFLINE honoured), "
+             f"'{GEMMA3_270M}' (real model, from the gemma3 extra) or '{TINY_NAME}' (random demo)")
 DTYPES = ["auto", "bfloat16", "float32"]
 DTYPE_HELP = "parameter dtype; auto = float32 on CPU (XLA's bf16 CPU matmuls are slow), else bfloat16"
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default, except where there is none (None, an unset flag) or the help says it."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and _shows_default(action):
+            action = copy.copy(action)  # argparse expands no help at all for an option without one
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if not _shows_default(action) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    return not any(action.default is v for v in (None, False, argparse.SUPPRESS))
+
+
+class _Parser(argparse.ArgumentParser):
+    """The main parser and every subcommand's: defaults shown in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    return f"gemma-jax {importlib.metadata.version('gemma_jax')} (jax {importlib.metadata.version('jax')})"
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +74,53 @@ def _load_model(args: argparse.Namespace):
     return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant)
 
 
+def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    """`Gemma.complete` options from `_add_sampling_args`'s arguments."""
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, stop=args.stop or ())  # fmt: skip
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    """The prompt: --prompt TEXT, or the text of --prompt-file PATH, where "-" (either flag) reads stdin;
+    trailing newlines (an editor's, or echo's) are not part of a read prompt."""
+    source = args.prompt_file if args.prompt_file is not None else "-" if args.prompt == "-" else None
+    if source is None:
+        return args.prompt
+    if source == "-":
+        return sys.stdin.read().rstrip("\n")
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-file {source}: no such file")
+    return path.read_text(encoding="utf-8").rstrip("\n")
+
+
+def _hint_if_base(args: argparse.Namespace) -> None:
+    from gemma_jax.chat import base_model_hint
+
+    hint = base_model_hint(str(args.ckpt))
+    if hint:
+        print(f"gemma-jax {args.command}: note: {hint}", file=sys.stderr)
+
+
 def _generate(args: argparse.Namespace) -> None:
     from gemma_jax import distributed
 
+    prompt = _read_prompt(args)
     start = time.perf_counter()
     model = _load_model(args)
     leader = distributed.is_leader()
+    prompt = distributed.text_from_leader(prompt)  # only process 0 has the terminal's stdin
+    if args.chat and leader:
+        _hint_if_base(args)
     loaded = time.perf_counter()
     first_token_at: list[float] = []
 
@@ -55,10 +130,7 @@ def _generate(args: argparse.Namespace) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    [done] = model.complete(
-        [args.prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, chat=args.chat, stop=args.stop or (), stream=stream,
-    )  # fmt: skip
+    [done] = model.complete([prompt], chat=args.chat, stream=stream, **_sampling(args))
     end = time.perf_counter()
     first = first_token_at[0] if first_token_at else end
     decode_rate = (len(done.tokens) - 1) / (end - first) if len(done.tokens) > 1 and end > first else 0.0
@@ -69,6 +141,16 @@ def _generate(args: argparse.Namespace) -> None:
             f"decode {decode_rate:.1f} tokens/s; peak RSS {_peak_rss_mib():.0f} MiB]",
             file=sys.stderr,
         )
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from gemma_jax.chat import run_chat
+
+    model = _load_model(args)
+    if model.tokenizer is None:
+        raise ValueError(f"{args.ckpt}: chat needs a checkpoint with a tokenizer")
+    _hint_if_base(args)
+    run_chat(model, system=args.system, **_sampling(args))
 
 
 def _perplexity(args: argparse.Namespace) -> None:
@@ -173,20 +255,24 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gemma-jax", description="Gemma models in JAX: generate, convert, fine-tune.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="gemma-jax", description="Gemma models in JAX: generate, chat, convert, fine-tune.")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
     _add_model_args(gen)
-    gen.add_argument("--prompt", required=True)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file ('-': stdin)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in Gemma's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _add_sampling_args(gen, max_new_tokens=64)
     gen.set_defaults(run=_generate)
+
+    ch = commands.add_parser("chat", help="interactive chat: keeps the conversation, streams each reply (needs an -it model)")
+    _add_model_args(ch)
+    ch.add_argument("--system", help="a system message, sent before the first user turn")
+    _add_sampling_args(ch, max_new_tokens=512)
+    ch.set_defaults(run=_chat)
 
     inf = commands.add_parser("infer", help="batched JSONL generation with continuous batching; restartable")
     _add_model_args(inf)

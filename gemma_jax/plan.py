@@ -169,6 +169,8 @@ def plan(
     multiplies once, plus the KV cache at `decode_context` (default seq // 2: sequences spread
     evenly over their lifetime); prefill runs batch x seq tokens in one pass.
     """
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be at least 1, got batch={batch}, seq={seq}")
     name = chip.lower().removeprefix("tpu").strip("-_ ")
     if name not in CHIPS or quant not in QUANT or set(mesh_sizes) - set(AXES):
         raise ValueError(f"need chip in {list(CHIPS)}, quant in {QUANT}, mesh axes in {AXES}; "

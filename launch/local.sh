@@ -4,7 +4,8 @@
 #
 #   launch/local.sh N D -- gemma-jax generate --ckpt DIR --mesh data=2,tensor=4 --prompt "..."
 #
-# Process 0's output goes to this terminal; the others' to $LOG_DIR/process_I.log.
+# Process 0's output goes to this terminal; the others' to $LOG_DIR/process_I.log. stdout carries only
+# what the command prints: gloo's "[Gloo] Rank ... connected" lines go to stderr (gemma_jax/distributed.py).
 # Exits non-zero if any process fails.
 set -euo pipefail
 if [ $# -lt 4 ] || [ "$3" != "--" ]; then
@@ -19,7 +20,8 @@ pids=()
 for ((i = 0; i < num; i++)); do
   run=(env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices"
        GEMMA_JAX_COORDINATOR="127.0.0.1:$port" GEMMA_JAX_NUM_PROCESSES="$num" GEMMA_JAX_PROCESS_ID="$i" "$@")
-  if [ "$i" = 0 ]; then "${run[@]}" & else "${run[@]}" > "$log_dir/process_$i.log" 2>&1 & fi
+  # Process 0 keeps this script's stdin (a background job would otherwise read /dev/null), e.g. for --prompt -.
+  if [ "$i" = 0 ]; then "${run[@]}" <&0 & else "${run[@]}" > "$log_dir/process_$i.log" 2>&1 & fi
   pids+=($!)
 done
 status=0

@@ -1,6 +1,6 @@
 """Two cooperating processes (2 x 4 CPU devices, gloo) started by launch/local.sh produce
 exactly what one process produces. Results are compared through `infer`'s output file, which
-only process 0 writes (gloo logs to stdout, so stdout is not a clean channel)."""
+only process 0 writes; stdout stays clean (gloo's connection lines go to stderr)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def _run(cmd: list[str], output: Path) -> dict[str, dict]:
     done = subprocess.run(cmd + ["--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == "", done.stdout  # infer reports on stderr: nothing else may write to stdout
     return {r["id"]: r for r in map(json.loads, output.read_text().splitlines())}
 
 
@@ -38,3 +39,12 @@ def test_two_processes_generate_what_one_process_generates(ckpt, tmp_path, sampl
     multi = _run(["bash", "launch/local.sh", "2", "4", "--", *args, "--mesh", "data=2,tensor=4"], tmp_path / "multi.jsonl")
     assert len(single) == len(PROMPTS) and multi == single
     assert all(r["completion_tokens"] == 16 for r in single.values())
+
+
+def test_two_processes_stream_only_the_generated_text_to_stdout(ckpt):
+    """The prompt comes from process 0's stdin; stdout holds the text alone, as with one process."""
+    args = ["gemma-jax", "generate", "--ckpt", str(ckpt), "--prompt", "-", "--max-new-tokens", "8", "--dtype", "float32"]
+    run = lambda cmd: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, input=PROMPTS[1])
+    single, multi = run(args), run(["bash", "launch/local.sh", "2", "4", "--", *args, "--mesh", "data=2,tensor=4"])
+    assert single.returncode == 0 and multi.returncode == 0, single.stderr + multi.stderr
+    assert single.stdout and multi.stdout == single.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -96,3 +98,14 @@ def test_bad_arguments_are_rejected():
             plan(config, {}, batch=1, seq=16, **kwargs)
     with pytest.raises(ValueError):
         plan(config, {"model": 2}, chip="v5e", batch=1, seq=16)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "gemma2-2b", "--batch", "-1", "--seq", "0"], "batch and seq must be at least 1"),
+    (["--model", "../finetune/lora"], "unknown model preset '../finetune/lora'; known: gemma-2b"),
+])  # fmt: skip
+def test_plan_cli_rejects_bad_arguments_in_one_line(args, message):
+    done = subprocess.run(["gemma-jax", "plan", "--mesh", "tensor=1", "--chip", "v5e", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0 and done.stderr.startswith("gemma-jax plan: error: ") and message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

