@@ -140,8 +140,11 @@ def _infer(args: argparse.Namespace) -> None:
     leader = distributed.is_leader()
     if model.tokenizer is None:
         raise ValueError(f"{args.ckpt}: infer needs a checkpoint with a tokenizer")
-    bar = tqdm(desc="infer", unit="prompt", disable=not leader)
-    tokens = [0]
+    bar, tokens = None, [0]
+
+    def on_start(total: int) -> None:  # the bar appears once the job's checks passed: a failed one prints only its error
+        nonlocal bar
+        bar = tqdm(total=total, desc="infer", unit="prompt", disable=not leader)
 
     def on_result(result) -> None:
         tokens[0] += len(result.tokens)
@@ -151,7 +154,7 @@ def _infer(args: argparse.Namespace) -> None:
     summary = run_job(
         model, Path(args.input), Path(args.output), slots=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, strict=args.strict, write=leader,
-        on_start=lambda total: setattr(bar, "total", total), on_result=on_result,
+        on_start=on_start, on_result=on_result,
     )  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - start
