@@ -10,7 +10,11 @@ import pytest
 
 from gemma_jax import cli
 
-REQUIRED = {"generate": ["--prompt", "x"], "infer": ["--input", "in.jsonl", "--output", "out.jsonl"], "perplexity": ["--text-file", "t.txt"]}
+REQUIRED = {
+    "generate": ["--prompt", "x"],
+    "infer": ["--input", "in.jsonl", "--output", "out.jsonl"],
+    "perplexity": ["--text-file", "t.txt"],
+}
 
 
 @pytest.fixture

@@ -111,7 +111,7 @@ def test_stop_string_cuts_tokens_and_stream_with_the_text(tiny, text_checkpoint)
         streamed: list[str] = []
         [cut] = model.complete(["The license"], max_new_tokens=24, stop=[stop], stream=lambda _, text: streamed.append(text))
         assert cut.finish_reason == "stop" and cut.text == free.text[:start] == "".join(streamed)
-        assert cut.tokens == free.tokens[:8]  # the tokens that made the text: decoded, the text (+ the stop's start, inside a token)
+        assert cut.tokens == free.tokens[:8]  # the tokens that made the text (+ the stop's start, across a token)
 
 
 def test_chat_prompt_uses_the_template(tiny):

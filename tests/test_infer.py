@@ -78,7 +78,7 @@ def test_bad_lines_are_reported_and_skipped_or_fatal(model, tmp_path):
 
 def test_prompt_near_the_context_runs_as_generate_does(model, tmp_path):
     words = open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read().split()
-    long = next(" ".join(words[:n]) for n in range(1, 400) if len(model.tokenizer.encode(" ".join(words[:n]), add_bos=True)) > 140)
+    long = next(text for text in (" ".join(words[:n]) for n in range(1, 400)) if len(model.tokenizer.encode(text, add_bos=True)) > 140)
     assert 140 < len(model.tokenizer.encode(long, add_bos=True)) <= 216  # bucketed to the context, 256; + 40 new fits it
     records = [{"id": "a", "prompt": "GNU"}, {"id": "long", "prompt": long}, {"id": "b", "prompt": "Preamble"}]
     _write_inputs(tmp_path / "in.jsonl", records)
