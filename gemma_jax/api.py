@@ -141,10 +141,10 @@ class Gemma:
             temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self.stop_ids(),
             dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout, quant=self.quant,
         )  # fmt: skip
-        texts = [_cut_at_stop(self.tokenizer.decode(t), stop) if text_mode else None for t in result.tokens]
+        rows = [_until_stop(self.tokenizer, t, stop) if text_mode else (None, t) for t in result.tokens]
         if watcher is not None:
-            watcher.finish(texts)
-        return [Completion(*c, len(p)) for c, p in zip(zip(texts, result.tokens, result.finish_reasons), ids)]
+            watcher.finish([text for text, _ in rows])
+        return [Completion(*row, reason, len(p)) for row, reason, p in zip(rows, result.finish_reasons, ids)]
 
     # ------------------------------------------------------------------------------------
     def _encode_prompt(self, prompt: Prompt, chat: bool) -> list[int]:
@@ -194,10 +194,8 @@ class _TextWatcher:
                 continue
             self.ids[row].extend(new.tolist())
             text = self.tokenizer.decode(self.ids[row])
-            cut = _cut_at_stop(text, self.stop)
-            stop[row] = len(cut) < len(text)
-            pending = len(cut) - len(cut.rstrip("\ufffd"))
-            self._send(row, cut[: len(cut) - pending] if pending < 4 else cut)  # < 4: maybe a partial UTF-8 char
+            stop[row] = _stop_index(text, self.stop) < len(text)
+            self._send(row, text[: _streamable(text, self.stop)])
         return stop
 
     def finish(self, texts: Sequence[str]) -> None:
@@ -211,9 +209,34 @@ class _TextWatcher:
             self.sent[row] = len(text)
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
-    return text[: min(cuts)] if cuts else text
+def _stop_index(text: str, stop: Sequence[str]) -> int:
+    """Where the first stop string begins in `text` (len(text) if none does)."""
+    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+
+
+def _streamable(text: str, stop: Sequence[str]) -> int:
+    """How much of `text` is final: up to the first stop string, and short of a tail that the next
+    tokens may still turn into one (a stop string's prefix) or into a character (a partial UTF-8
+    sequence decodes as up to 3 U+FFFD; 4 or more are real)."""
+    partial = [len(text) - k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])]
+    pending = len(text) - len(text.rstrip("\ufffd"))
+    return min(_stop_index(text, stop), *partial, len(text) - pending if pending < 4 else len(text))
+
+
+def _until_stop(tokenizer: Tokenizer, tokens: list[int], stop: Sequence[str]) -> tuple[str, list[int]]:
+    """A row's text, cut before its first stop string, and the tokens that made that text.
+
+    Decoding runs on in chunks past a stop string; the tokens after it are dropped, so that the
+    tokens decode to the text (plus the stop string's start, if it begins inside a token).
+    """
+    text = tokenizer.decode(tokens)
+    end = _stop_index(text, stop)
+    if end == len(text):
+        return text, tokens
+    kept = len(tokens)
+    while kept and tokenizer.decode(tokens[: kept - 1]).startswith(text[:end]):
+        kept -= 1
+    return text[:end], tokens[:kept]
 
 
 def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any, quant: str | None) -> jax.Array:
@@ -280,3 +303,16 @@ def load(
             params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
     quant = quant or stored  # an int8 tree runs as either scheme; by default as it was quantized
     return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer of a checkpoint (path or name, as for `load`) without reading its weights,
+    so that inputs can be checked before a long load; None if the checkpoint has none."""
+    from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_tokenizer
+    from gemma_jax.checkpoint.orbax import is_orbax_checkpoint
+    from gemma_jax.checkpoint.resolve import checkpoint_path
+    from gemma_jax.convert import open_source
+
+    path = checkpoint_path(path)
+    model = read_tokenizer(path / TOKENIZER_FILE) if is_orbax_checkpoint(path) else open_source(path).tokenizer
+    return None if model is None else Tokenizer(model)

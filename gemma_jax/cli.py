@@ -51,6 +51,37 @@ def _version() -> str:
     return f"gemma-jax {importlib.metadata.version('gemma_jax')} (jax {importlib.metadata.version('jax')})"
 
 
+def _bounded(kind: type, low: float, high: float | None = None, *, above: bool = False):
+    """An argparse `type=` for an int or float in [low, high] (`above`: low excluded), so that a bad
+    value fails at parse time with one line naming its argument, before any model loads."""
+    if high is not None:
+        interval = f"in {'(' if above else '['}{low}, {high}]"
+    else:
+        interval = f"{'>' if above else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text}") from None
+        if not ((value > low if above else value >= low) and (high is None or value <= high)):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE = _bounded(int, 1)
+TEMPERATURE = _bounded(float, 0)
+TOP_P = _bounded(float, 0, 1, above=True)
+
+
+def _seed():
+    from gemma_jax.sampling import SEED_LIMIT  # jax is imported only once a command runs
+
+    return _bounded(int, 0, SEED_LIMIT - 1)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", default=GEMMA3_270M, help=CKPT_HELP)
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help=DTYPE_HELP)
@@ -75,11 +106,11 @@ def _load_model(args: argparse.Namespace):
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=POSITIVE, default=max_new_tokens)
+    parser.add_argument("--temperature", type=TEMPERATURE, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=POSITIVE)
+    parser.add_argument("--top-p", type=TOP_P)
+    parser.add_argument("--seed", type=_seed(), default=0)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
@@ -157,10 +188,18 @@ def _perplexity(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from gemma_jax import distributed
-    from gemma_jax.perplexity import perplexity
+    from gemma_jax.api import load_tokenizer
+    from gemma_jax.perplexity import score_windows, windows
 
-    text = Path(args.text_file).read_text(encoding="utf-8")
+    try:
+        text = Path(args.text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{args.text_file}: cannot read the text: {getattr(err, 'strerror', None) or err}") from None
     start = time.perf_counter()
+    tokenizer = load_tokenizer(args.ckpt)  # the text is checked before the weights load
+    if tokenizer is None:
+        raise ValueError(f"{args.ckpt}: perplexity needs a checkpoint with a tokenizer")
+    chunks, scored = windows(tokenizer.encode(text, add_bos=True), args.ctx, args.stride, tokenizer.bos_id)
     model = _load_model(args)
     bar = tqdm(desc="perplexity", unit="window", disable=not distributed.is_leader())
 
@@ -169,7 +208,7 @@ def _perplexity(args: argparse.Namespace) -> None:
         bar.update(done - bar.n)
         bar.set_postfix(ppl=f"{running:.4f}")
 
-    result = perplexity(model, text, ctx=args.ctx, stride=args.stride, batch=args.batch, progress=progress)
+    result = score_windows(model, chunks, scored, batch=args.batch, progress=progress)
     bar.close()
     seconds = time.perf_counter() - start
     if distributed.is_leader():
@@ -191,8 +230,11 @@ def _infer(args: argparse.Namespace) -> None:
     leader = distributed.is_leader()
     if model.tokenizer is None:
         raise ValueError(f"{args.ckpt}: infer needs a checkpoint with a tokenizer")
-    bar = tqdm(desc="infer", unit="prompt", disable=not leader)
-    tokens = [0]
+    bar, tokens = None, [0]
+
+    def on_start(total: int) -> None:  # the bar appears once the job's checks passed: a failed one prints only its error
+        nonlocal bar
+        bar = tqdm(total=total, desc="infer", unit="prompt", disable=not leader)
 
     def on_result(result) -> None:
         tokens[0] += len(result.tokens)
@@ -202,7 +244,7 @@ def _infer(args: argparse.Namespace) -> None:
     summary = run_job(
         model, Path(args.input), Path(args.output), slots=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, strict=args.strict, write=leader,
-        on_start=lambda total: setattr(bar, "total", total), on_result=on_result,
+        on_start=on_start, on_result=on_result,
     )  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - start
@@ -255,6 +297,8 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gemma_jax.perplexity import MIN_CTX
+
     parser = _Parser(prog="gemma-jax", description="Gemma models in JAX: generate, chat, convert, fine-tune.")
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -278,20 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(inf)
     inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
-    inf.add_argument("--batch-size", type=int, default=8, help="decode slots")
-    inf.add_argument("--max-new-tokens", type=int, default=256)
-    inf.add_argument("--temperature", type=float, default=0.0)
-    inf.add_argument("--top-p", type=float)
-    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--batch-size", type=POSITIVE, default=8, help="decode slots")
+    inf.add_argument("--max-new-tokens", type=POSITIVE, default=256)
+    inf.add_argument("--temperature", type=TEMPERATURE, default=0.0)
+    inf.add_argument("--top-p", type=TOP_P)
+    inf.add_argument("--seed", type=_seed(), default=0)
     inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
     inf.set_defaults(run=_infer)
 
     ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
     _add_model_args(ppl)
     ppl.add_argument("--text-file", required=True)
-    ppl.add_argument("--ctx", type=int, default=512, help="tokens per window (llama.cpp -c)")
-    ppl.add_argument("--stride", type=int, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
-    ppl.add_argument("--batch", type=int, default=1, help="windows per forward pass")
+    ppl.add_argument("--ctx", type=_bounded(int, MIN_CTX), default=512, help="tokens per window (llama.cpp -c)")
+    ppl.add_argument("--stride", type=POSITIVE, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")
+    ppl.add_argument("--batch", type=POSITIVE, default=1, help="windows per forward pass")
     ppl.set_defaults(run=_perplexity)
 
     from gemma_jax.convert import add_arguments as add_convert_arguments

@@ -101,9 +101,9 @@ class Engine:
     def _prefill(self, requests: list[Request], limits: np.ndarray) -> DecodeState:
         """Prefill `requests` as one bucketed batch (or, with none, a batch of empty slots)."""
         rows = bucket(len(requests), 1) if requests else self.slots
-        length = bucket(max((len(r.prompt) for r in requests), default=1))
-        if length + max((r.max_new_tokens for r in requests), default=0) > self.max_len:
+        if any(len(r.prompt) + r.max_new_tokens > self.max_len for r in requests):  # true lengths: padding takes no slot
             raise ValueError(f"a request needs more than max_len={self.max_len} cache slots")
+        length = min(bucket(max((len(r.prompt) for r in requests), default=1)), self.max_len)
         tokens = np.zeros((rows, length), np.int32)
         lengths, row_limits = np.ones(rows, np.int32), np.zeros(rows, np.int32)
         keys = np.zeros((rows, 2), np.uint32)

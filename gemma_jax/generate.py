@@ -24,7 +24,7 @@ import numpy as np
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import Cache, Transformer, init_cache
-from gemma_jax.sampling import Sampler
+from gemma_jax.sampling import Sampler, check_seed
 from sharding import Layout, activate, constrain, to_host
 
 # New tokens [B, n] (-1 where a row emitted nothing) -> rows to stop [B] bool.
@@ -62,6 +62,13 @@ def bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def check_max_new_tokens(max_new_tokens: int) -> int:
+    """The limit, if it is a positive integer (zero would finish every request empty, at once)."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
 def generate(
     config: GemmaConfig,
     params: Any,
@@ -90,9 +97,7 @@ def generate(
     longest = max(map(len, prompts))
     if longest >= config.max_position:
         raise ValueError(f"prompt of {longest} tokens does not fit the context of {config.max_position} tokens")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    max_new = min(max_new_tokens, config.max_position - longest)
+    max_new = min(check_max_new_tokens(max_new_tokens), config.max_position - longest)
 
     batch, length, new = bucket(len(prompts), 1), bucket(longest), bucket(max_new)
     if layout is not None:  # the batch must split evenly over the data-parallel axes
@@ -102,7 +107,7 @@ def generate(
     for row, prompt in enumerate(prompts):
         tokens[row, : len(prompt)] = prompt
         lengths[row] = len(prompt)
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(seed), jnp.arange(batch))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(check_seed(seed)), jnp.arange(batch))
     limits = np.where(np.arange(batch) < len(prompts), max_new, 0).astype(np.int32)  # padding rows: done at once
     sampling = sampling_args(temperature, top_p, stop_ids)
     static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout, quant=quant)

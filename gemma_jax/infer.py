@@ -24,8 +24,8 @@ import numpy as np
 from gemma_jax.api import Gemma
 from gemma_jax.distributed import from_leader
 from gemma_jax.engine import Engine, Finished, Request
-from gemma_jax.generate import bucket
-from gemma_jax.sampling import Sampler
+from gemma_jax.generate import bucket, check_max_new_tokens
+from gemma_jax.sampling import Sampler, check_seed
 
 
 @dataclasses.dataclass
@@ -42,22 +42,34 @@ def read_requests(
 ) -> tuple[list[Request], int]:
     """Parse and validate the input file: (requests, bad lines); each bad line is reported as `path:line: reason`."""
     requests, seen, problems = [], set(), []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    for number, line in enumerate(_lines(path), start=1):
+        try:  # each line decoded alone: one bad byte costs its line, not the job
+            text = line.decode("utf-8")
+            if not text.strip():
                 continue
-            try:
-                request = _parse(model, json.loads(line), seen, max_new_tokens)
-            except (json.JSONDecodeError, ValueError, TypeError) as err:
-                problems.append(f"{path}:{number}: {err}")
-                continue
-            seen.add(request.id)
-            requests.append(request)
+            request = _parse(model, json.loads(text), seen, max_new_tokens)
+        except UnicodeDecodeError as err:
+            problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})")
+            continue
+        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            problems.append(f"{path}:{number}: {err}")
+            continue
+        seen.add(request.id)
+        requests.append(request)
     for problem in problems:
         report(problem)
     if problems and strict:
         raise ValueError(f"{len(problems)} bad input line(s) in {path} (first: {problems[0]}); nothing was generated")
     return requests, len(problems)
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The file's lines as bytes; a path that cannot be read is a one-line error naming it."""
+    try:
+        with open(path, "rb") as f:
+            yield from f
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read: {err.strerror}") from None
 
 
 def _parse(model: Gemma, record: Any, seen: set[str], max_new_tokens: int) -> Request:
@@ -80,14 +92,24 @@ def _parse(model: Gemma, record: Any, seen: set[str], max_new_tokens: int) -> Re
 
 
 def completed_ids(path: Path) -> set[str]:
-    """Ids already in the output file; a torn (unterminated or unparsable) last line is removed."""
+    """Ids already in the output file; a torn (unterminated) last line is removed.
+
+    Any other line that is not one of our results stops the job, naming the line: resuming
+    past it would guess which requests are done.
+    """
     if not path.exists():
         return set()
     data = path.read_bytes()
     keep = data[: data.rfind(b"\n") + 1]
     ids = set()
-    for line in keep.splitlines():
-        ids.add(str(json.loads(line)["id"]))
+    for number, line in enumerate(keep.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError as err:  # bad JSON or bad UTF-8
+            raise ValueError(f"{path}:{number}: not a result line ({err}); fix or remove it to resume") from None
+        if not isinstance(record, dict) or "id" not in record:
+            raise ValueError(f'{path}:{number}: not a result line (no "id"); fix or remove it to resume')
+        ids.add(str(record["id"]))
     if len(keep) < len(data):
         with open(path, "r+b") as f:
             f.truncate(len(keep))
@@ -111,21 +133,26 @@ def run_job(
     on_result: Callable[[Finished], None] | None = None,
 ) -> JobSummary:
     """Generate a completion for every input id not yet in the output file."""
+    if not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"slots (--batch-size) must be a positive integer, got {slots!r}")
+    check_max_new_tokens(max_new_tokens)
+    check_seed(seed)
+    sampler = Sampler.create(temperature, None, top_p)
     requests, rejected = read_requests(model, input_path, max_new_tokens=max_new_tokens, strict=strict, report=report)
-    done_before = completed_ids(output_path) if write else set()
-    done = from_leader(np.array([r.id in done_before for r in requests], bool))  # the writer's file decides
-    todo = sorted((r for r, d in zip(requests, done) if not d), key=lambda r: len(r.prompt))  # bucket-friendly
-    summary = JobSummary(0, len(requests) - len(todo), rejected, 0, 0)
-    if on_start is not None:
-        on_start(len(todo))
-    if not todo:
-        return summary
-    max_len = min(model.config.max_position, bucket(max(len(r.prompt) for r in todo)) + bucket(max_new_tokens))
-    engine = Engine(
-        model, slots=slots, max_len=max_len, sampler=Sampler.create(temperature, None, top_p),
-        temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(),
-    )  # fmt: skip
-    with open(output_path, "a", encoding="utf-8") if write else open(os.devnull, "w") as out:
+    with _open_output(output_path, input_path) if write else open(os.devnull, "w") as out:
+        done_before = completed_ids(output_path) if write else set()
+        done = from_leader(np.array([r.id in done_before for r in requests], bool))  # the writer's file decides
+        todo = sorted((r for r, d in zip(requests, done) if not d), key=lambda r: len(r.prompt))  # bucket-friendly
+        summary = JobSummary(0, len(requests) - len(todo), rejected, 0, 0)
+        if on_start is not None:
+            on_start(len(todo))
+        if not todo:
+            return summary
+        max_len = min(model.config.max_position, bucket(max(len(r.prompt) for r in todo)) + bucket(max_new_tokens))
+        engine = Engine(
+            model, slots=slots, max_len=max_len, sampler=sampler, temperature=temperature or 1.0,
+            top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(),
+        )  # fmt: skip
         for result in _flushing(engine.run(todo), out) if write else engine.run(todo):
             text = model.tokenizer.decode(result.tokens)
             line = dict(id=result.id, completion=text, prompt_tokens=result.prompt_tokens,
@@ -137,6 +164,16 @@ def run_job(
             if on_result is not None:
                 on_result(result)
     return summary
+
+
+def _open_output(path: Path, input_path: Path):
+    """The output file, opened for appending before any work; one that cannot be written is a one-line error."""
+    if path.exists() and input_path.exists() and os.path.samefile(path, input_path):
+        raise ValueError(f"{path}: the output file is the input file; write the results to another file")
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write the output: {err.strerror}") from None
 
 
 def _flushing(results: Iterator[Finished], out) -> Iterator[Finished]:

@@ -20,6 +20,8 @@ import numpy as np
 
 from gemma_jax.api import Gemma
 
+MIN_CTX = 4  # the smallest window accepted (the llama.cpp method scores ctx - 1 - ctx // 2 predictions of each)
+
 
 @dataclasses.dataclass
 class Perplexity:
@@ -30,7 +32,12 @@ class Perplexity:
 
 
 def windows(tokens: list[int], ctx: int, stride: int | None, bos: int) -> tuple[np.ndarray, int]:
-    """[W ctx] token windows and how many trailing predictions of each are scored."""
+    """[W ctx] token windows and how many trailing predictions of each are scored.
+
+    It needs only the tokenizer, so a text too short for `ctx` fails before the weights load.
+    """
+    if ctx < MIN_CTX:
+        raise ValueError(f"--ctx must be at least {MIN_CTX}, got {ctx}")
     if stride is None:  # llama.cpp: disjoint chunks, BOS first, score the second half
         n = len(tokens) // ctx
         if n < 1 or len(tokens) < 2 * ctx:
@@ -58,13 +65,25 @@ def perplexity(
     """Perplexity of `text` under `model`; `progress(windows_done, windows, running_ppl)` after each batch."""
     if model.tokenizer is None:
         raise ValueError("perplexity needs a tokenizer, and this checkpoint has no tokenizer.model")
-    if ctx < 4:
-        raise ValueError(f"--ctx must be at least 4, got {ctx}")
     chunks, scored = windows(model.tokenizer.encode(text, add_bos=True), ctx, stride, model.tokenizer.bos_id)
+    return score_windows(model, chunks, scored, batch=batch, progress=progress)
+
+
+def score_windows(
+    model: Gemma,
+    chunks: np.ndarray,
+    scored: int,
+    *,
+    batch: int = 1,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Perplexity:
+    """Perplexity over the last `scored` predictions of each window of `windows`, `batch` windows per forward pass."""
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch must be a positive integer, got {batch!r}")
     nll: list[np.ndarray] = []
     for start in range(0, len(chunks), batch):
         rows = chunks[start : start + batch]
-        full = np.resize(rows, (batch, ctx))  # the last batch repeats rows: one compiled shape
+        full = np.resize(rows, (batch, chunks.shape[1]))  # the last batch repeats rows: one compiled shape
         logp = model.token_logprobs(full)[: len(rows)]  # [b, ctx-1]
         nll.append(-logp[:, -scored:].astype(np.float64).ravel())
         if progress is not None:

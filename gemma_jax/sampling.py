@@ -7,6 +7,7 @@ traced values, so changing them never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,15 @@ import jax.numpy as jnp
 from gemma_jax.layers import cpu_unsharded
 
 Array = jax.Array
+# jax.random.PRNGKey keeps a seed's low 32 bits (without x64): larger seeds would alias smaller ones.
+SEED_LIMIT = 2**32
+
+
+def check_seed(seed: int) -> int:
+    """The seed, if it names a distinct PRNG stream: an integer in [0, 2**32)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, {SEED_LIMIT - 1}], got {seed!r}")
+    return int(seed)
 
 
 @dataclasses.dataclass(frozen=True)

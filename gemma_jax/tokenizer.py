@@ -101,6 +101,11 @@ class Tokenizer:
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of `text`, with special-token strings (e.g. "<bos>") mapped to their ids."""
+        try:  # sentencepiece takes UTF-8: a lone surrogate (JSON "\\ud800", an undecodable argv byte) fails in C++
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            bad = f"U+{ord(text[err.start]):04X}"
+            raise ValueError(f"text is not valid UTF-8: character {err.start} is a lone surrogate, {bad}") from None
         ids = [self.bos_id] if add_bos else []
         # re.split with a capturing group alternates plain text (even) and special strings (odd).
         for k, part in enumerate(self._special_re.split(text)):

@@ -99,6 +99,21 @@ def test_stop_strings_and_streaming(tiny):
     assert "".join(streamed) == cut.text
 
 
+def test_stop_string_cuts_tokens_and_stream_with_the_text(tiny, text_checkpoint):
+    [chat] = tiny.complete(["Hi"], max_new_tokens=24, chat=True, stop=["\n"])
+    assert chat.finish_reason == "stop" and tiny.tokenizer.decode(chat.tokens) == chat.text
+    model = gemma_jax.load(text_checkpoint[1], dtype="float32")  # its greedy text varies
+    decode = model.tokenizer.decode
+    free = model.complete(["The license"], max_new_tokens=24)[0]
+    edge = len(decode(free.tokens[:8]))  # where the first 8-token decode chunk ends
+    for stop, start in [(free.text[edge : edge + 2], edge), (free.text[edge - 1 : edge + 1], edge - 1)]:
+        assert free.text.find(stop) == start  # on a token boundary, then across one (and across chunks)
+        streamed: list[str] = []
+        [cut] = model.complete(["The license"], max_new_tokens=24, stop=[stop], stream=lambda _, text: streamed.append(text))
+        assert cut.finish_reason == "stop" and cut.text == free.text[:start] == "".join(streamed)
+        assert cut.tokens == free.tokens[:8]  # the tokens that made the text (+ the stop's start, across a token)
+
+
 def test_chat_prompt_uses_the_template(tiny):
     messages = [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hello"}, {"role": "user", "content": "Bye"}]
     a = tiny.generate([messages], max_new_tokens=5, chat=True)
@@ -113,6 +128,8 @@ def test_chat_prompt_uses_the_template(tiny):
         (dict(top_k=0, temperature=1.0), "top_k"),
         (dict(top_p=1.5, temperature=1.0), "top_p"),
         (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(seed=2**70), "seed"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_invalid_sampling_arguments_are_named(tiny, kwargs, message):
@@ -130,6 +147,9 @@ def test_bad_prompts_are_rejected(tiny):
         tiny.generate([[2, tiny.config.vocab_size]], max_new_tokens=4)
     with pytest.raises(ValueError, match="empty prompt"):
         tiny.generate([""], max_new_tokens=4)
+    for text in ["\ud800", "caf\udce9"]:  # from JSON "\ud800"; from argv bytes b"caf\xe9" (surrogateescape)
+        with pytest.raises(ValueError, match="not valid UTF-8: character 3|not valid UTF-8: character 0"):
+            tiny.generate([text], max_new_tokens=4)
     with pytest.raises(ValueError, match="list"):
         tiny.generate("hello", max_new_tokens=4)
 

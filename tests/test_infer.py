@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,55 @@ def test_bad_lines_are_reported_and_skipped_or_fatal(model, tmp_path):
     with pytest.raises(ValueError, match="5 bad input line"):
         run_job(model, tmp_path / "in.jsonl", tmp_path / "strict.jsonl", slots=2, max_new_tokens=4, strict=True, report=reports.append)
     assert not (tmp_path / "strict.jsonl").exists()
+
+
+def test_prompt_near_the_context_runs_as_generate_does(model, tmp_path):
+    words = open("/usr/share/common-licenses/GPL-3", encoding="utf-8").read().split()
+    long = next(text for text in (" ".join(words[:n]) for n in range(1, 400)) if len(model.tokenizer.encode(text, add_bos=True)) > 140)
+    assert 140 < len(model.tokenizer.encode(long, add_bos=True)) <= 216  # bucketed to the context, 256; + 40 new fits it
+    records = [{"id": "a", "prompt": "GNU"}, {"id": "long", "prompt": long}, {"id": "b", "prompt": "Preamble"}]
+    _write_inputs(tmp_path / "in.jsonl", records)
+    summary = run_job(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl", slots=2, max_new_tokens=40)
+    [want] = model.complete([long], max_new_tokens=40)
+    got = _read(tmp_path / "out.jsonl")
+    assert summary.done == 3 and (got["long"]["completion"], got["long"]["completion_tokens"]) == (want.text, len(want.tokens))
+
+
+def test_undecodable_lines_are_reported_and_skipped(model, tmp_path):
+    lines = [json.dumps({"id": "ok", "prompt": "GNU"}).encode(), b'{"id": "latin1", "prompt": "caf\xe9"}',
+             b'{"id": "lone", "prompt": "\\ud800"}', json.dumps({"id": "msg", "messages": [{"role": "user", "content": "\udc00"}]}).encode(),
+             json.dumps({"id": "ok2", "prompt": "Preamble"}).encode()]  # fmt: skip
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    reports: list[str] = []
+    summary = run_job(model, tmp_path / "in.jsonl", tmp_path / "out.jsonl", slots=2, max_new_tokens=4, report=reports.append)
+    assert set(_read(tmp_path / "out.jsonl")) == {"ok", "ok2"} and summary.rejected == 3
+    assert [r.split(": ")[0] for r in reports] == [f"{tmp_path / 'in.jsonl'}:{n}" for n in (2, 3, 4)]
+    assert "byte 0xe9 at column 32" in reports[0] and all("UTF-8" in r for r in reports)
+
+
+def test_unusable_outputs_and_arguments_fail_before_any_work(model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write_inputs(Path("in.jsonl"), [{"id": "a", "prompt": "GNU"}, {"id": "b", "prompt": "Preamble"}])
+    job = lambda output, **kw: run_job(model, Path("in.jsonl"), Path(output), **{"slots": 2, "max_new_tokens": 4, **kw})
+    Path("dir").mkdir()
+    with pytest.raises(ValueError, match="^dir: cannot write the output: Is a directory$"):
+        job("dir")
+    with pytest.raises(ValueError, match="^in.jsonl/out.jsonl: cannot write the output: Not a directory$"):
+        job("in.jsonl/out.jsonl")
+    before = Path("in.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="^in.jsonl: the output file is the input file"):
+        job("in.jsonl")
+    assert Path("in.jsonl").read_bytes() == before
+    for name, text in [("noid.jsonl", '{"completion": "x"}\n'), ("garbage.jsonl", '{"id": "a"}\n{oops\n{"id": "c"}\n')]:
+        Path(name).write_text(text)
+        with pytest.raises(ValueError, match=f"^{name}:{1 if name == 'noid.jsonl' else 2}: not a result line"):
+            job(name)
+        assert Path(name).read_text() == text  # nothing appended, nothing cut
+    for bad, message in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=-5), "max_new_tokens"),
+                         (dict(slots=0), "slots"), (dict(slots=-1), "slots"), (dict(seed=2**70), "seed")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            job("out.jsonl", **bad)
+    assert not Path("out.jsonl").exists()
 
 
 def test_killed_job_resumes_with_every_id_exactly_once(text_checkpoint, tmp_path):
