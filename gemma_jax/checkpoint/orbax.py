@@ -64,6 +64,12 @@ class HostArray:
     dtype: np.dtype
 
 
+def orbax_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as Orbax must be given it: absolute. Orbax 0.12.8 restores every leaf of a relative path
+    as None and refuses to save to one, so every path this project hands to Orbax goes through here."""
+    return Path(path).absolute()
+
+
 def is_orbax_checkpoint(path: str | os.PathLike[str]) -> bool:
     """Whether `path` is one of our Orbax checkpoint directories (by its config file)."""
     return (Path(path) / CONFIG_FILE).is_file()
@@ -109,7 +115,7 @@ def write_orbax(
             finally:  # also on errors: nothing may still be writing when the temporary directory is removed
                 if writing is not None:
                     writing.result()
-            partial.finalize(target)
+            partial.finalize(orbax_path(target))
         _checked_metadata(target, config, quant)
         meta = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config), "quant": quant}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -187,7 +193,7 @@ def load_orbax(
     for p, leaf in stored.items():
         set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, np.dtype(dtype or leaf.dtype), sharding=where(p, leaf.shape)))
     try:
-        params = ocp.load(ckpt, abstract)
+        params = ocp.load(orbax_path(ckpt), abstract)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
         raise ValueError(f"{ckpt}: cannot restore the params ({type(e).__name__}: {e})") from e
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
@@ -202,7 +208,7 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
     if not ckpt.is_dir():
         raise FileNotFoundError(f"Orbax checkpoint directory {ckpt} does not exist")
     try:
-        tree = ocp.metadata(ckpt).metadata
+        tree = ocp.metadata(orbax_path(ckpt)).metadata
     except Exception as e:  # orbax signals a missing or damaged checkpoint with assorted error types
         raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
     out: dict[KeyPath, HostArray] = {}
@@ -229,7 +235,7 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
     options.pytree.loading.partial_load = True
     try:
         with options:
-            node = ocp.load(ckpt, request)
+            node = ocp.load(orbax_path(ckpt), request)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
         raise ValueError(f"{ckpt}: cannot read {'/'.join(keys)} ({type(e).__name__}: {e})") from e
     for key in keys:
@@ -258,7 +264,7 @@ def _save_async(previous: Any, target: Path, group: dict[str, Any]) -> Any:
     """Wait for the previous partial save, then start saving `group` in the background."""
     if previous is not None:
         previous.result()
-    return partial.save_async(target, group)
+    return partial.save_async(orbax_path(target), group)
 
 
 def _save_options() -> ocp.Context:

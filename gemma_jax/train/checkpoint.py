@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from gemma_jax.checkpoint.orbax import orbax_path
+
 
 class Checkpoints:
     """The last `keep` checkpoints of a run, in RUN_DIR/checkpoints/<step>."""
@@ -22,7 +24,7 @@ class Checkpoints:
     def __init__(self, directory: str | Path, keep: int):
         # A run killed mid-save leaves a temporary directory behind: clear it when the run resumes.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "meta"))
+        self._manager = ocp.CheckpointManager(orbax_path(directory), options=options, item_names=("state", "meta"))
 
     def latest(self) -> int | None:
         return self._manager.latest_step()
