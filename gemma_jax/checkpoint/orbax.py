@@ -41,9 +41,10 @@ from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
 from gemma_jax.checkpoint.hf import (
-    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer, staged_dir,
+    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer,
 )  # fmt: skip
 from gemma_jax.checkpoint.names import ParamPath, tensor_specs
+from gemma_jax.checkpoint.staging import staged_dir
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
