@@ -28,7 +28,10 @@ checkpoint's metadata first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import operator
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -41,9 +44,10 @@ from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
 from gemma_jax.checkpoint.hf import (
-    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer,
+    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, listing, read_json, read_tokenizer,
 )  # fmt: skip
-from gemma_jax.checkpoint.names import ParamPath, tensor_specs
+from gemma_jax.checkpoint.manifest import MANIFEST_FILE, Entry, Manifest, exact_widening, tensor_entry, write_manifest
+from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
 from gemma_jax.checkpoint.staging import staged_dir
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -96,16 +100,19 @@ def write_orbax(
     quant: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write (param path, array) pairs as an Orbax checkpoint, in groups as they come; `quant` records an
-    int8 tree's scheme (see `gemma_jax.quant`), whose leaves are checked against the model's int8 layout."""
+    """Write (param path, array) pairs as an Orbax checkpoint, in groups as they come, with their checksums
+    (see `gemma_jax.checkpoint.manifest`); `quant` records an int8 tree's scheme (see `gemma_jax.quant`),
+    whose leaves are checked against the model's int8 layout."""
     with staged_dir(path, overwrite=overwrite) as tmp:
         target = tmp / PARAMS_DIR
+        checksums: dict[str, Entry] = {}
         with _save_options():
             writing = None  # the previous group's save, running while the next group is read
             group: dict[str, Any] = {}
             size = 0
             try:
                 for p, x in leaves:
+                    checksums[tensor_name(p)] = tensor_entry(x)
                     set_path(group, p, x)
                     size += x.nbytes
                     if size >= GROUP_BYTES:
@@ -122,6 +129,7 @@ def write_orbax(
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
+        write_manifest(tmp, checksums, files=(CONFIG_FILE, TOKENIZER_FILE))
     return Path(path)
 
 
@@ -157,23 +165,36 @@ def _read_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     return file, meta
 
 
-def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
-    """Open one of our (float) Orbax checkpoints for streaming; `dtype` casts each tensor as orbax reads it."""
+def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, verify: bool = True) -> TensorSource:
+    """Open one of our (float) Orbax checkpoints for streaming; `dtype` casts each tensor as it is read.
+    With `verify`, each tensor is read as stored and checked against the checkpoint's checksums first."""
     root = Path(path)
+    manifest = _manifest(root) if verify else None
     config = read_orbax_config(root)
     quant = stored_quant(root)
     if quant is not None:
         raise ValueError(f"{root} holds int8 ({quant}) weights, which only gemma_jax.load restores; "
                          "convert the float checkpoint it was quantized from instead")  # fmt: skip
     ckpt = root / PARAMS_DIR
-    stored = _checked_metadata(ckpt, config)
+    stored = _checked_metadata(ckpt, config, manifest=manifest)
     dtypes = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
-    read = lambda spec: read_leaf(ckpt, spec.path, HostArray(spec.shape, dtypes[spec.path]))
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        if manifest is None:
+            return read_leaf(ckpt, spec.path, HostArray(spec.shape, dtypes[spec.path]))
+        x = read_leaf(ckpt, spec.path, stored[spec.path])
+        manifest.check_tensor(tensor_name(spec.path), x)
+        return x.astype(dtypes[spec.path], copy=False)
+
     return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
 
 
 def load_orbax(
-    path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, sharding: Sharding | None = None
+    path: str | os.PathLike[str],
+    *,
+    dtype: npt.DTypeLike | None = None,
+    sharding: Sharding | None = None,
+    verify: bool = True,
 ) -> tuple[GemmaConfig, dict[str, Any], Tokenizer | None]:
     """Restore one of our Orbax checkpoints as (config, params, tokenizer), params straight onto devices.
 
@@ -181,24 +202,69 @@ def load_orbax(
     device); orbax reads only the parts each device holds, from whatever mesh the checkpoint
     was saved with. `dtype` casts on restore (None keeps the stored dtypes); a quantized
     checkpoint keeps its stored dtypes (int8 weights, float32 scales), whatever `dtype`.
+    With `verify`, every tensor is checked against the checkpoint's checksums on its devices;
+    a tensor loaded narrower than stored (float32 stored, bfloat16 asked) is then restored as
+    stored, checked and cast, so the whole stored tree is briefly in memory.
     """
     root = Path(path)
+    manifest = _manifest(root) if verify else None
     config = read_orbax_config(root)
     quant = stored_quant(root)
     dtype = None if quant is not None else dtype
     ckpt = root / PARAMS_DIR
-    stored = _checked_metadata(ckpt, config, quant)
+    stored = _checked_metadata(ckpt, config, quant, manifest=manifest)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     where = sharding or (lambda _p, _s: device)
+    wanted = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
+    checkable = lambda p: manifest is None or exact_widening(stored[p].dtype, wanted[p])
     abstract: dict[str, Any] = {}
     for p, leaf in stored.items():
-        set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, np.dtype(dtype or leaf.dtype), sharding=where(p, leaf.shape)))
+        restored = wanted[p] if checkable(p) else leaf.dtype
+        set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, restored, sharding=where(p, leaf.shape)))
     try:
         params = ocp.load(orbax_path(ckpt), abstract)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
-        raise ValueError(f"{ckpt}: cannot restore the params ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: cannot restore the params ({_one_line(e)})") from e
+    if manifest is not None:
+        for p in stored:
+            x = functools.reduce(operator.getitem, p, params)
+            manifest.check_tensor(tensor_name(p), x)
+            if not checkable(p):
+                set_path(params, p, x.astype(wanted[p]))
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     return config, params, None if tokenizer is None else Tokenizer(tokenizer)
+
+
+def verify_orbax(path: str | os.PathLike[str]) -> str:
+    """Check every tensor of one of our Orbax checkpoints against its checksums, one tensor at a time;
+    the report line, or ValueError naming the checkpoint and every damaged tensor."""
+    root = Path(path)
+    manifest = _manifest(root)
+    config = read_orbax_config(root)
+    ckpt = root / PARAMS_DIR
+    stored = _checked_metadata(ckpt, config, stored_quant(root), manifest=manifest)
+    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in stored.values())
+    if manifest is None:
+        return (f"{root}: {len(stored)} tensors, {nbytes / 1e6:,.1f} MB: structure OK; no {MANIFEST_FILE} (written "
+                "before gemma_jax kept checksums), so the tensor data is not verified")  # fmt: skip
+    bad = [tensor_name(p) for p, leaf in stored.items() if not manifest.matches(tensor_name(p), read_leaf(ckpt, p, leaf))]
+    if bad:
+        raise ValueError(f"{root}: checkpoint is damaged: {len(bad)} of {len(stored)} tensors do not match their "
+                         f"checksums: {listing(bad)}")  # fmt: skip
+    return f"{root}: OK, {len(stored)} tensors ({nbytes / 1e6:,.1f} MB) and {len(manifest.files)} files match their checksums"
+
+
+def tensor_name(path: ParamPath) -> str:
+    """A param's name in messages and the checksum manifest: its path joined by '/'."""
+    return "/".join(path)
+
+
+def _manifest(root: Path) -> Manifest | None:
+    """`root`'s checksum manifest, its small files (config, tokenizer) already checked; None if it has none."""
+    manifest = Manifest.read(root)
+    if manifest is not None:
+        manifest.check_files()
+    return manifest
 
 
 # --- any Orbax PyTree checkpoint (ours, or Google's Flax ones) --------------------------------
@@ -211,7 +277,7 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
     try:
         tree = ocp.metadata(orbax_path(ckpt)).metadata
     except Exception as e:  # orbax signals a missing or damaged checkpoint with assorted error types
-        raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({_one_line(e)})") from e
     out: dict[KeyPath, HostArray] = {}
 
     def walk(node: Any, keys: KeyPath) -> None:
@@ -221,7 +287,8 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
         elif hasattr(node, "shape") and hasattr(node, "dtype"):
             out[keys] = HostArray(tuple(node.shape), np.dtype(node.dtype))
         else:
-            raise ValueError(f"{ckpt}: leaf {'/'.join(keys)} is {type(node).__name__}, not an array")
+            what = f"tensor {'/'.join(keys)} has" if keys else "its tree has"
+            raise ValueError(f"{ckpt}: damaged Orbax checkpoint: {what} no array metadata (found {type(node).__name__})")
 
     walk(tree, ())
     return out
@@ -238,15 +305,20 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
         with options:
             node = ocp.load(orbax_path(ckpt), request)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
-        raise ValueError(f"{ckpt}: cannot read {'/'.join(keys)} ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: cannot read {'/'.join(keys)} ({_one_line(e)})") from e
     for key in keys:
         node = node[key]
     return node
 
 
-def _checked_metadata(ckpt: Path, config: GemmaConfig, quant: str | None = None) -> dict[ParamPath, HostArray]:
-    """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness."""
+def _checked_metadata(
+    ckpt: Path, config: GemmaConfig, quant: str | None = None, *, manifest: Manifest | None = None
+) -> dict[ParamPath, HostArray]:
+    """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness;
+    and against the checksum `manifest`'s names, shapes and dtypes."""
     stored = leaf_metadata(ckpt)
+    if manifest is not None:
+        manifest.check_layout({tensor_name(p): (leaf.shape, leaf.dtype) for p, leaf in stored.items()})
     if quant is None:
         expected = {s.path: s.shape for s in tensor_specs(config).values()}
     else:
@@ -273,3 +345,8 @@ def _save_options() -> ocp.Context:
     options.array.saving.use_compression = False
     options.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     return options
+
+
+def _one_line(e: BaseException) -> str:
+    """An Orbax/tensorstore error as one line of a message of ours (theirs can span many)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
