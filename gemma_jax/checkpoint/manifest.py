@@ -64,28 +64,26 @@ def file_digest(file: Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
+def manifest_json(tensors: Mapping[str, Entry], files: Mapping[str, str] = {}) -> dict[str, Any]:
+    """A manifest as JSON data: the tensors' entries (see `tensor_entry`) and the files' SHA-256 digests."""
+    return {"format": FORMAT, "version": VERSION, "algorithm": ALGORITHM, "files": dict(files), "tensors": dict(tensors)}
+
+
 def write_manifest(root: Path, tensors: Mapping[str, Entry], files: Iterable[str]) -> None:
     """Write `root`/checksums.json: the tensors' entries and the digests of `root`'s `files` (those present)."""
-    digests = {name: file_digest(root / name) for name in files if (root / name).is_file()}
-    head = {"format": FORMAT, "version": VERSION, "algorithm": ALGORITHM, "files": digests}
+    head = manifest_json({}, {name: file_digest(root / name) for name in files if (root / name).is_file()})
+    del head["tensors"]
     lines = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry)}" for name, entry in tensors.items())
     (root / MANIFEST_FILE).write_text(json.dumps(head)[:-1] + ', "tensors": {\n' + lines + "\n}}\n")  # a tensor a line
 
 
 class Manifest:
-    """A checkpoint's checksums, read from its checksums.json; `check_*` raise ValueError naming what is damaged."""
+    """A checkpoint's checksums; `check_*` raise ValueError naming the checkpoint and what is damaged."""
 
-    def __init__(self, root: Path, tensors: Mapping[str, Entry], files: Mapping[str, str]):
-        self.root, self.tensors, self.files = root, tensors, files
-
-    @classmethod
-    def read(cls, root: Path) -> Manifest | None:
-        """`root`'s manifest; None when it has none (written before checksums were kept)."""
-        file = root / MANIFEST_FILE
-        if not file.is_file():
-            return None
+    def __init__(self, root: Path, data: Any, *, where: Path, hint: str = ""):
+        """`data`: `manifest_json`'s layout, as read from `where` (which a damaged one is reported as);
+        `hint` ends the message of a damaged checkpoint (what the user can do)."""
         try:
-            data = json.loads(file.read_text())
             if (data["format"], data["version"], data["algorithm"]) != (FORMAT, VERSION, ALGORITHM):
                 raise ValueError(f"format {data['format']!r} version {data['version']!r} {data['algorithm']!r}")
             tensors, files = data["tensors"], data["files"]
@@ -96,8 +94,20 @@ class Manifest:
             if not all(isinstance(v, str) for v in files.values()):
                 raise ValueError("bad file digests")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{where} is damaged ({type(e).__name__}: {e})") from e
+        self.root, self.tensors, self.files, self.hint = root, tensors, files, hint
+
+    @classmethod
+    def read(cls, root: Path, hint: str = "") -> Manifest | None:
+        """`root`'s checksums.json; None when it has none (written before checksums were kept)."""
+        file = root / MANIFEST_FILE
+        if not file.is_file():
+            return None
+        try:
+            data = json.loads(file.read_text())
+        except ValueError as e:
             raise ValueError(f"{file} is damaged ({type(e).__name__}: {e})") from e
-        return cls(root, tensors, files)
+        return cls(root, data, where=file, hint=hint)
 
     def check_files(self) -> None:
         for name, digest in self.files.items():
@@ -126,7 +136,7 @@ class Manifest:
         return entry is not None and checksum(x, entry["dtype"]) == entry["checksum"]
 
     def _damaged(self, what: str) -> ValueError:
-        return ValueError(f"{self.root}: checkpoint is damaged: {what} (verify=False / --no-verify loads it anyway)")
+        return ValueError(f"{self.root}: checkpoint is damaged: {what}{self.hint}")
 
 
 def exact_widening(stored: Any, loaded: Any) -> bool:

@@ -261,7 +261,7 @@ def tensor_name(path: ParamPath) -> str:
 
 def _manifest(root: Path) -> Manifest | None:
     """`root`'s checksum manifest, its small files (config, tokenizer) already checked; None if it has none."""
-    manifest = Manifest.read(root)
+    manifest = Manifest.read(root, hint=" (verify=False / --no-verify loads it anyway)")
     if manifest is not None:
         manifest.check_files()
     return manifest
