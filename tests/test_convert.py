@@ -123,7 +123,7 @@ def test_overwrite_needs_force_and_replaces_whole(hf_dir: Path, tmp_path: Path) 
         convert(hf_dir, dst, to="orbax", quiet=True)
     assert [p.name for p in dst.iterdir()] == ["stale.txt"]
     convert(hf_dir, dst, to="orbax", force=True, quiet=True)
-    assert sorted(p.name for p in dst.iterdir()) == ["gemma_config.json", "params", "tokenizer.model"]
+    assert sorted(p.name for p in dst.iterdir()) == ["checksums.json", "gemma_config.json", "params", "tokenizer.model"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old directories left
     (tmp_path / ".out.0123456789ab.tmp").mkdir()  # as a killed conversion leaves it: nobody holds its lock
     convert(hf_dir, dst, to="hf", force=True, quiet=True)
