@@ -287,8 +287,8 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
         elif hasattr(node, "shape") and hasattr(node, "dtype"):
             out[keys] = HostArray(tuple(node.shape), np.dtype(node.dtype))
         else:
-            what = f"tensor {'/'.join(keys)} has" if keys else "its tree has"
-            raise ValueError(f"{ckpt}: damaged Orbax checkpoint: {what} no array metadata (found {type(node).__name__})")
+            what = f"tensor {'/'.join(keys)} has no array metadata" if keys else "Orbax reads no tree from its metadata"
+            raise ValueError(f"{ckpt}: damaged Orbax checkpoint: {what} (found {type(node).__name__})")
 
     walk(tree, ())
     return out
