@@ -5,6 +5,8 @@ A checkpoint directory holds:
     gemma_config.json  {"format": "gemma_jax", "version": 2, "config": {GemmaConfig fields},
                         "quant": null, or "w8a8"/"w8a16" for an int8 tree (see gemma_jax/quant.py)}
     tokenizer.model    the sentencepiece model, when the source had one
+    checksums.json     each tensor's dtype, shape and checksum, and the SHA-256 of the two files above
+                       (see checkpoint/manifest.py); checked on every load unless verify=False
     params/            an Orbax checkpoint of the params pytree ({"embedder": {"embedding": ...},
                        "layer_0": {"attn": {"q": {"w": ...}}, ...}, ...}), as orbax's v1 API
                        lays it out (the tree itself in params/state/)
@@ -17,6 +19,8 @@ writing it (measured: 2.6 GB for Gemma 2 2B, whose embedding is 1.18 GB). Arrays
 stored uncompressed (zstd saves little on bf16 weights and, measured here, doubled the peak
 memory of a write) in chunks of at most `CHUNK_BYTES`, so restoring onto a mesh reads about
 only each device's part.
+
+Orbax is always handed absolute paths (`orbax_path`): it cannot work with relative ones.
 
 Reading: `load_orbax` restores straight onto shards of any mesh, in any dtype (orbax reads each
 device's part and casts); `orbax_source` streams one tensor at a time into another format.
