@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 import gemma_jax
 from gemma_jax.quant import quantize_checkpoint
