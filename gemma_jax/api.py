@@ -268,6 +268,7 @@ def load(
     rules: str = "inference",
     compute_dtype: Any = None,
     quant: str | None = None,
+    verify: bool = True,
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
     one of our Orbax directories, any other format `gemma-jax convert` reads, or a name:
@@ -280,6 +281,8 @@ def load(
     `quant` ("w8a8" / "w8a16") quantizes the weights to int8 on load (see `gemma_jax.quant`).
     Our Orbax checkpoints restore straight onto the devices' shards; a quantized one (written by
     `gemma-jax quantize`) keeps its stored int8 weights and float32 scales, whatever `dtype`.
+    `verify` checks each tensor of our Orbax checkpoints against the checksums stored with it
+    (see `gemma_jax.checkpoint.manifest`); other formats carry none.
     """
     from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, stored_quant
     from gemma_jax.checkpoint.resolve import checkpoint_path, open_checkpoint
@@ -289,7 +292,7 @@ def load(
     if is_orbax_checkpoint(path):  # orbax reads only each device's part of each tensor
         where = None if layout is None else lambda name, shape: layout.sharding(logical_axes(name), shape)
         stored = stored_quant(path)
-        config, params, tokenizer = load_orbax(path, dtype=jnp.dtype(dtype), sharding=where)
+        config, params, tokenizer = load_orbax(path, dtype=jnp.dtype(dtype), sharding=where, verify=verify)
     else:
         put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
         if layout is not None:

@@ -89,6 +89,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     parser.add_argument("--quant", choices=["w8a8", "w8a16"], help="quantize the weights to int8 on load")
+    parser.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's tensors against its checksums")
 
 
 def _load_model(args: argparse.Namespace):
@@ -102,7 +103,7 @@ def _load_model(args: argparse.Namespace):
     distributed.initialize(force=args.distributed)
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
-    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant)
+    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -272,6 +273,14 @@ def _quantize(args: argparse.Namespace) -> None:
                         calibration_tokens=args.calibration_tokens, ctx=args.ctx, force=args.force, quiet=args.quiet)  # fmt: skip
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from gemma_jax.convert import host_only
+    from gemma_jax.verify import verify
+
+    host_only()
+    print(verify(args.ckpt))
+
+
 def _finetune(args: argparse.Namespace) -> None:
     from gemma_jax.train.cli import run
 
@@ -357,6 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--force", action="store_true", help="replace an existing DST (atomically)")
     qz.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     qz.set_defaults(run=_quantize)
+
+    vf = commands.add_parser("verify", help="check a checkpoint's tensors against its checksums (Orbax; others: structure only)")
+    vf.add_argument("ckpt", help="checkpoint in any format convert reads, or a name")
+    vf.set_defaults(run=_verify)
 
     ft = commands.add_parser("finetune", help="fine-tune (full or LoRA), sharded, resumable; chat or plain-text JSONL")
     add_finetune_arguments(ft)

@@ -31,6 +31,7 @@ from gemma_jax.checkpoint.hf import (
     CONFIG_FILE, TensorSource, hf_source, read_hf_config, write_hf,
 )  # fmt: skip
 from gemma_jax.checkpoint.names import TensorSpec
+from gemma_jax.checkpoint.staging import refuse_existing
 from gemma_jax.config import GemmaConfig
 
 SOURCES = ("hf", "compressed-tensors", "orbax", "gemma-lib", "gguf")
@@ -143,13 +144,10 @@ def convert(
         raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
     if gguf_type is not None and (to != "gguf" or gguf_type not in GGUF_TYPES):
         raise ValueError(f"gguf_type is for --to gguf, one of {', '.join(GGUF_TYPES)}; got {gguf_type!r}")
-    if dst.exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    refuse_existing(dst, force)
     a, b = src.resolve(), dst.resolve()
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(f"source {src} and destination {dst} overlap")
-    if not quiet:
-        _warn_leftovers(dst)
     source = open_source(src, format=source_format, dtype=dtype, config=config)
     from tqdm import tqdm
 
@@ -243,12 +241,3 @@ def _write(to: str, dst: Path, source: TensorSource, overwrite: bool, max_shard_
         widest = max((np.dtype(d) for d in source.dtypes.values()), key=lambda d: d.itemsize)
         kind = gguf_type or ("f32" if widest.itemsize == 4 else "bf16")
         write_gguf(dst, source, type=kind, overwrite=overwrite)
-
-
-def _warn_leftovers(dst: Path) -> None:
-    """Name the temporary siblings a killed conversion to `dst` left behind (deleting them is the user's call:
-    another conversion may still be writing one)."""
-    left = sorted(p.name for p in dst.parent.glob(f".{dst.name}.*.tmp")) if dst.parent.is_dir() else []
-    if left:
-        print(f"note: {', '.join(left)} in {dst.parent} look like leftovers of an interrupted conversion "
-              "to the same destination; delete them once no conversion is running", file=sys.stderr)  # fmt: skip

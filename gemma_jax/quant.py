@@ -228,12 +228,12 @@ def quantize_checkpoint(
     from gemma_jax.checkpoint.hf import collect
     from gemma_jax.checkpoint.orbax import write_orbax
     from gemma_jax.checkpoint.resolve import checkpoint_path
+    from gemma_jax.checkpoint.staging import refuse_existing
     from gemma_jax.convert import open_source, peak_rss
     from gemma_jax.tokenizer import Tokenizer
 
     start = time.perf_counter()
-    if Path(dst).exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    refuse_existing(Path(dst), force)
     _check(scheme, calibration is not None)  # before any tensor is read
     if scheme == "w8a8" and calibration is None and not quiet:
         print("note: W8A8 without --calibration skips SmoothQuant; on Gemma 3 270M that cost +2.9% perplexity "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
 from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
+from gemma_jax.checkpoint.staging import refuse_existing, staged_file
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -123,8 +123,7 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
     read, converted and written one at a time into a temporary sibling file renamed into place at the end.
     """
     dest, config = Path(path), source.config
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
+    refuse_existing(dest, overwrite)
     if type not in _SAVE:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(_SAVE)}")
     if config.model_type not in _ARCH:
@@ -143,20 +142,16 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
     for name, spec in specs.items():  # the same (HF) order the source yields tensors in
         nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(spec.hf_shape, qtypes[spec.hf_name]))
         writer.add_tensor_info(name, spec.hf_shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[spec.hf_name])
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # same directory: os.replace is atomic
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for spec, x in source:
-            x = spec.to_hf(np.asarray(x, np.float32))
-            writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[spec.hf_name]))
-        writer.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged_file(dest, overwrite=overwrite) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for spec, x in source:
+                x = spec.to_hf(np.asarray(x, np.float32))
+                writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[spec.hf_name]))
+        finally:
+            writer.close()
     return dest
 
 

@@ -12,18 +12,12 @@ consume the same `TensorSource`, which is how the converter joins any reader to 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
 import functools
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,6 +28,7 @@ import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 
 from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
+from gemma_jax.checkpoint.staging import refuse_existing, staged_dir
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import BOS, EOS, PAD, UNK
 
@@ -164,8 +159,7 @@ def save_hf(
 ) -> Path:
     """Write `params` as a HF checkpoint directory that `transformers.from_pretrained` loads (see `write_hf`)."""
     dest = Path(path)
-    if dest.exists() and not overwrite:  # before reading anything
-        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
+    refuse_existing(dest, overwrite)  # before reading anything
     tokenizer = None if tokenizer_model is None else Path(tokenizer_model).read_bytes()
     return write_hf(dest, params_source(config, params, tokenizer), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
 
@@ -251,61 +245,6 @@ def read_tensor(file: Path, name: str) -> np.ndarray:
 
 def read_tokenizer(file: Path) -> bytes | None:
     return file.read_bytes() if file.is_file() else None
-
-
-# --- safe directory writes -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def staged_dir(path: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of `path` to write into; it replaces `path` only if the block completes.
-
-    Readers never see a partial checkpoint: an error deletes the temporary directory, and a
-    process killed mid-write leaves only a hidden `.NAME.*.tmp` sibling (safe to delete), with
-    any previous `path` intact.
-    """
-    dest = Path(path)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} already exists; pass overwrite=True to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")
-    tmp.mkdir()  # unlike tempfile.mkdtemp (0700), honours the umask: the result is the checkpoint
-    try:
-        yield tmp
-        _move_into_place(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename `tmp` to `dest`. An existing `dest` is swapped out atomically where the OS can
-    (Linux renameat2 RENAME_EXCHANGE), so `dest` is always either the old or the new directory;
-    elsewhere it is moved aside first, then deleted."""
-    if not dest.exists():
-        tmp.rename(dest)
-        return
-    if _exchange(tmp, dest):
-        shutil.rmtree(tmp)  # now the old directory
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-    dest.rename(trash / dest.name)
-    tmp.rename(dest)
-    shutil.rmtree(trash)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths; False where the platform or filesystem cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 # --- loading helpers -------------------------------------------------------------------------

@@ -5,6 +5,8 @@ A checkpoint directory holds:
     gemma_config.json  {"format": "gemma_jax", "version": 2, "config": {GemmaConfig fields},
                         "quant": null, or "w8a8"/"w8a16" for an int8 tree (see gemma_jax/quant.py)}
     tokenizer.model    the sentencepiece model, when the source had one
+    checksums.json     each tensor's dtype, shape and checksum, and the SHA-256 of the two files above
+                       (see checkpoint/manifest.py); checked on every load unless verify=False
     params/            an Orbax checkpoint of the params pytree ({"embedder": {"embedding": ...},
                        "layer_0": {"attn": {"q": {"w": ...}}, ...}, ...}), as orbax's v1 API
                        lays it out (the tree itself in params/state/)
@@ -18,6 +20,8 @@ stored uncompressed (zstd saves little on bf16 weights and, measured here, doubl
 memory of a write) in chunks of at most `CHUNK_BYTES`, so restoring onto a mesh reads about
 only each device's part.
 
+Orbax is always handed absolute paths (`orbax_path`): it cannot work with relative ones.
+
 Reading: `load_orbax` restores straight onto shards of any mesh, in any dtype (orbax reads each
 device's part and casts); `orbax_source` streams one tensor at a time into another format.
 Orbax silently returns the placeholder for a requested leaf the checkpoint lacks (v1
@@ -28,7 +32,10 @@ checkpoint's metadata first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import operator
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -41,9 +48,11 @@ from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
 from gemma_jax.checkpoint.hf import (
-    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer, staged_dir,
+    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, listing, read_json, read_tokenizer,
 )  # fmt: skip
-from gemma_jax.checkpoint.names import ParamPath, tensor_specs
+from gemma_jax.checkpoint.manifest import MANIFEST_FILE, Entry, Manifest, exact_widening, tensor_entry, write_manifest
+from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
+from gemma_jax.checkpoint.staging import staged_dir
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -62,6 +71,12 @@ class HostArray:
 
     shape: Shape
     dtype: np.dtype
+
+
+def orbax_path(path: str | os.PathLike[str]) -> Path:
+    """`path` as Orbax must be given it: absolute. Orbax 0.12.8 restores every leaf of a relative path
+    as None and refuses to save to one, so every path this project hands to Orbax goes through here."""
+    return Path(path).absolute()
 
 
 def is_orbax_checkpoint(path: str | os.PathLike[str]) -> bool:
@@ -89,16 +104,19 @@ def write_orbax(
     quant: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write (param path, array) pairs as an Orbax checkpoint, in groups as they come; `quant` records an
-    int8 tree's scheme (see `gemma_jax.quant`), whose leaves are checked against the model's int8 layout."""
+    """Write (param path, array) pairs as an Orbax checkpoint, in groups as they come, with their checksums
+    (see `gemma_jax.checkpoint.manifest`); `quant` records an int8 tree's scheme (see `gemma_jax.quant`),
+    whose leaves are checked against the model's int8 layout."""
     with staged_dir(path, overwrite=overwrite) as tmp:
         target = tmp / PARAMS_DIR
+        checksums: dict[str, Entry] = {}
         with _save_options():
             writing = None  # the previous group's save, running while the next group is read
             group: dict[str, Any] = {}
             size = 0
             try:
                 for p, x in leaves:
+                    checksums[tensor_name(p)] = tensor_entry(x)
                     set_path(group, p, x)
                     size += x.nbytes
                     if size >= GROUP_BYTES:
@@ -109,12 +127,13 @@ def write_orbax(
             finally:  # also on errors: nothing may still be writing when the temporary directory is removed
                 if writing is not None:
                     writing.result()
-            partial.finalize(target)
+            partial.finalize(orbax_path(target))
         _checked_metadata(target, config, quant)
         meta = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(config), "quant": quant}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             (tmp / TOKENIZER_FILE).write_bytes(tokenizer)
+        write_manifest(tmp, checksums, files=(CONFIG_FILE, TOKENIZER_FILE))
     return Path(path)
 
 
@@ -150,23 +169,36 @@ def _read_meta(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
     return file, meta
 
 
-def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
-    """Open one of our (float) Orbax checkpoints for streaming; `dtype` casts each tensor as orbax reads it."""
+def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, verify: bool = True) -> TensorSource:
+    """Open one of our (float) Orbax checkpoints for streaming; `dtype` casts each tensor as it is read.
+    With `verify`, each tensor is read as stored and checked against the checkpoint's checksums first."""
     root = Path(path)
+    manifest = _manifest(root) if verify else None
     config = read_orbax_config(root)
     quant = stored_quant(root)
     if quant is not None:
         raise ValueError(f"{root} holds int8 ({quant}) weights, which only gemma_jax.load restores; "
                          "convert the float checkpoint it was quantized from instead")  # fmt: skip
     ckpt = root / PARAMS_DIR
-    stored = _checked_metadata(ckpt, config)
+    stored = _checked_metadata(ckpt, config, manifest=manifest)
     dtypes = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
-    read = lambda spec: read_leaf(ckpt, spec.path, HostArray(spec.shape, dtypes[spec.path]))
+
+    def read(spec: TensorSpec) -> np.ndarray:
+        if manifest is None:
+            return read_leaf(ckpt, spec.path, HostArray(spec.shape, dtypes[spec.path]))
+        x = read_leaf(ckpt, spec.path, stored[spec.path])
+        manifest.check_tensor(tensor_name(spec.path), x)
+        return x.astype(dtypes[spec.path], copy=False)
+
     return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
 
 
 def load_orbax(
-    path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, sharding: Sharding | None = None
+    path: str | os.PathLike[str],
+    *,
+    dtype: npt.DTypeLike | None = None,
+    sharding: Sharding | None = None,
+    verify: bool = True,
 ) -> tuple[GemmaConfig, dict[str, Any], Tokenizer | None]:
     """Restore one of our Orbax checkpoints as (config, params, tokenizer), params straight onto devices.
 
@@ -174,24 +206,69 @@ def load_orbax(
     device); orbax reads only the parts each device holds, from whatever mesh the checkpoint
     was saved with. `dtype` casts on restore (None keeps the stored dtypes); a quantized
     checkpoint keeps its stored dtypes (int8 weights, float32 scales), whatever `dtype`.
+    With `verify`, every tensor is checked against the checkpoint's checksums on its devices;
+    a tensor loaded narrower than stored (float32 stored, bfloat16 asked) is then restored as
+    stored, checked and cast, so the whole stored tree is briefly in memory.
     """
     root = Path(path)
+    manifest = _manifest(root) if verify else None
     config = read_orbax_config(root)
     quant = stored_quant(root)
     dtype = None if quant is not None else dtype
     ckpt = root / PARAMS_DIR
-    stored = _checked_metadata(ckpt, config, quant)
+    stored = _checked_metadata(ckpt, config, quant, manifest=manifest)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     where = sharding or (lambda _p, _s: device)
+    wanted = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
+    checkable = lambda p: manifest is None or exact_widening(stored[p].dtype, wanted[p])
     abstract: dict[str, Any] = {}
     for p, leaf in stored.items():
-        set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, np.dtype(dtype or leaf.dtype), sharding=where(p, leaf.shape)))
+        restored = wanted[p] if checkable(p) else leaf.dtype
+        set_path(abstract, p, jax.ShapeDtypeStruct(leaf.shape, restored, sharding=where(p, leaf.shape)))
     try:
-        params = ocp.load(ckpt, abstract)
+        params = ocp.load(orbax_path(ckpt), abstract)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
-        raise ValueError(f"{ckpt}: cannot restore the params ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: cannot restore the params ({_one_line(e)})") from e
+    if manifest is not None:
+        for p in stored:
+            x = functools.reduce(operator.getitem, p, params)
+            manifest.check_tensor(tensor_name(p), x)
+            if not checkable(p):
+                set_path(params, p, x.astype(wanted[p]))
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     return config, params, None if tokenizer is None else Tokenizer(tokenizer)
+
+
+def verify_orbax(path: str | os.PathLike[str]) -> str:
+    """Check every tensor of one of our Orbax checkpoints against its checksums, one tensor at a time;
+    the report line, or ValueError naming the checkpoint and every damaged tensor."""
+    root = Path(path)
+    manifest = _manifest(root)
+    config = read_orbax_config(root)
+    ckpt = root / PARAMS_DIR
+    stored = _checked_metadata(ckpt, config, stored_quant(root), manifest=manifest)
+    nbytes = sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in stored.values())
+    if manifest is None:
+        return (f"{root}: {len(stored)} tensors, {nbytes / 1e6:,.1f} MB: structure OK; no {MANIFEST_FILE} (written "
+                "before gemma_jax kept checksums), so the tensor data is not verified")  # fmt: skip
+    bad = [tensor_name(p) for p, leaf in stored.items() if not manifest.matches(tensor_name(p), read_leaf(ckpt, p, leaf))]
+    if bad:
+        raise ValueError(f"{root}: checkpoint is damaged: {len(bad)} of {len(stored)} tensors do not match their "
+                         f"checksums: {listing(bad)}")  # fmt: skip
+    return f"{root}: OK, {len(stored)} tensors ({nbytes / 1e6:,.1f} MB) and {len(manifest.files)} files match their checksums"
+
+
+def tensor_name(path: ParamPath) -> str:
+    """A param's name in messages and the checksum manifest: its path joined by '/'."""
+    return "/".join(path)
+
+
+def _manifest(root: Path) -> Manifest | None:
+    """`root`'s checksum manifest, its small files (config, tokenizer) already checked; None if it has none."""
+    manifest = Manifest.read(root, hint=" (verify=False / --no-verify loads it anyway)")
+    if manifest is not None:
+        manifest.check_files()
+    return manifest
 
 
 # --- any Orbax PyTree checkpoint (ours, or Google's Flax ones) --------------------------------
@@ -202,9 +279,9 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
     if not ckpt.is_dir():
         raise FileNotFoundError(f"Orbax checkpoint directory {ckpt} does not exist")
     try:
-        tree = ocp.metadata(ckpt).metadata
+        tree = ocp.metadata(orbax_path(ckpt)).metadata
     except Exception as e:  # orbax signals a missing or damaged checkpoint with assorted error types
-        raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({_one_line(e)})") from e
     out: dict[KeyPath, HostArray] = {}
 
     def walk(node: Any, keys: KeyPath) -> None:
@@ -214,7 +291,8 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
         elif hasattr(node, "shape") and hasattr(node, "dtype"):
             out[keys] = HostArray(tuple(node.shape), np.dtype(node.dtype))
         else:
-            raise ValueError(f"{ckpt}: leaf {'/'.join(keys)} is {type(node).__name__}, not an array")
+            what = f"tensor {'/'.join(keys)} has no array metadata" if keys else "Orbax reads no tree from its metadata"
+            raise ValueError(f"{ckpt}: damaged Orbax checkpoint: {what} (found {type(node).__name__})")
 
     walk(tree, ())
     return out
@@ -229,17 +307,22 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
     options.pytree.loading.partial_load = True
     try:
         with options:
-            node = ocp.load(ckpt, request)
+            node = ocp.load(orbax_path(ckpt), request)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
-        raise ValueError(f"{ckpt}: cannot read {'/'.join(keys)} ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{ckpt}: cannot read {'/'.join(keys)} ({_one_line(e)})") from e
     for key in keys:
         node = node[key]
     return node
 
 
-def _checked_metadata(ckpt: Path, config: GemmaConfig, quant: str | None = None) -> dict[ParamPath, HostArray]:
-    """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness."""
+def _checked_metadata(
+    ckpt: Path, config: GemmaConfig, quant: str | None = None, *, manifest: Manifest | None = None
+) -> dict[ParamPath, HostArray]:
+    """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness;
+    and against the checksum `manifest`'s names, shapes and dtypes."""
     stored = leaf_metadata(ckpt)
+    if manifest is not None:
+        manifest.check_layout({tensor_name(p): (leaf.shape, leaf.dtype) for p, leaf in stored.items()})
     if quant is None:
         expected = {s.path: s.shape for s in tensor_specs(config).values()}
     else:
@@ -258,7 +341,7 @@ def _save_async(previous: Any, target: Path, group: dict[str, Any]) -> Any:
     """Wait for the previous partial save, then start saving `group` in the background."""
     if previous is not None:
         previous.result()
-    return partial.save_async(target, group)
+    return partial.save_async(orbax_path(target), group)
 
 
 def _save_options() -> ocp.Context:
@@ -266,3 +349,8 @@ def _save_options() -> ocp.Context:
     options.array.saving.use_compression = False
     options.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
     return options
+
+
+def _one_line(e: BaseException) -> str:
+    """An Orbax/tensorstore error as one line of a message of ours (theirs can span many)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:500]
