@@ -25,7 +25,7 @@ from gemma_jax.model import CACHE_AXES, init_params, param_axes
 from sharding import AXES, RULE_SETS, Layout
 
 GiB = 2**30
-_BATCH_AXES = ("data", "fsdp")  # weights split over these are gathered before use
+GATHERED_AXES = ("data", "fsdp")  # weights split over these are gathered before use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Plan:
     quant: str | None
     param_bytes: int  # per device, as stored
     cache_bytes: int  # per device, KV cache of batch x seq
-    activation_bytes: int  # per device, prefill peak of one layer (see _prefill)
+    activation_bytes: int  # per device, prefill peak of one layer (see prefill_peak)
     hbm_bytes: int
     prefill_rows_fit: int  # largest batch whose one-shot prefill fits next to params and cache
     decode_tokens_per_s: float  # whole slice
@@ -82,7 +82,7 @@ class Plan:
         return self.headroom_bytes >= 0
 
 
-def _local(layout: Layout, axes: Sequence[str | None], shape: Sequence[int], skip: tuple[str, ...] = ()) -> list[int]:
+def local_shape(layout: Layout, axes: Sequence[str | None], shape: Sequence[int], skip: tuple[str, ...] = ()) -> list[int]:
     """Per-device shard shape under `layout`; mesh axes in `skip` count as gathered (not split)."""
     out = []
     for size, part in zip(shape, layout.spec(tuple(axes), tuple(shape))):
@@ -101,12 +101,12 @@ def _params(config: GemmaConfig, quant: str | None) -> tuple[tuple[tuple[str, ..
     return tuple((path, axes[path], tuple(shapes[path].shape), stored(path, shapes[path])) for path in sorted(axes))
 
 
-def _param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
+def device_param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
     """(bytes, weight elements) per device, for the tree `gemma_jax.quant` makes: with `quant`, every projection
     and the tied embedding is int8 with f32 scales per output channel (per row for the embedding)."""
     total = elements = 0
     for path, axes, shape, stored in _params(config, quant):
-        n = math.prod(_local(layout, axes, shape, skip))
+        n = math.prod(local_shape(layout, axes, shape, skip))
         total += n * np.dtype(stored or dtype).itemsize
         elements += 0 if stored == np.float32 else n  # scales are not multiplied
     return total, elements
@@ -121,14 +121,14 @@ def _cache_bytes(config: GemmaConfig, layout: Layout, batch: int, seq: int, c: i
     """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32); with
     `context`, only the min(context, slots) slots per layer that a decode step there must read."""
     K, H = config.num_kv_heads, config.head_dim
-    k = math.prod(_local(layout, CACHE_AXES["k"], (batch, K, 1, H)))
-    v = math.prod(_local(layout, CACHE_AXES["v"], (batch, K, H, 1)))
-    pos = math.prod(_local(layout, CACHE_AXES["pos"], (batch, 1)))
+    k = math.prod(local_shape(layout, CACHE_AXES["k"], (batch, K, 1, H)))
+    v = math.prod(local_shape(layout, CACHE_AXES["v"], (batch, K, H, 1)))
+    pos = math.prod(local_shape(layout, CACHE_AXES["pos"], (batch, 1)))
     n = sum(_slots(config, kind, seq if context is None else min(context, seq)) for kind in config.layer_kinds)
     return n * ((k + v) * c + 4 * pos)
 
 
-def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
+def prefill_peak(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
     """(peak activation bytes, attention FLOPs) per device for a one-shot prefill of T tokens.
 
     `generate` prefills an empty cache by attending within the prompt. Dense (XLA) attention
@@ -142,7 +142,7 @@ def _prefill(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, sp
     # One name at a time: heads and mlp all map to `tensor`, which one array could use only once.
     dims = {"act_batch": batch, "act_heads": config.num_heads, "act_kv_heads": config.num_kv_heads,
             "act_mlp": config.mlp_dim}  # fmt: skip
-    B, N, K, F = (_local(layout, (name,), (n,))[0] for name, n in dims.items())
+    B, N, K, F = (local_shape(layout, (name,), (n,))[0] for name, n in dims.items())
     D, H = config.embed_dim, config.head_dim
     attention = B * T * (2 * N + 2 * K) * H * c + (0 if splash else B * N * T * T * (4 + c))
     keys = [(T / 2 if kind == "global" else _slots(config, kind, T)) if splash else T for kind in config.layer_kinds]
@@ -182,12 +182,12 @@ def plan(
     context = min(seq, seq // 2 if decode_context is None else decode_context)
     peak = hw.int8 if quant == "w8a8" else hw.bf16
 
-    params, _ = _param_bytes(config, layout, pdtype, quant)
-    read, elements = _param_bytes(config, layout, pdtype, quant, skip=_BATCH_AXES)  # weights as multiplied
+    params, _ = device_param_bytes(config, layout, pdtype, quant)
+    read, elements = device_param_bytes(config, layout, pdtype, quant, skip=GATHERED_AXES)  # weights as multiplied
     cache = _cache_bytes(config, layout, batch, seq, c.itemsize)
     splash = name != "h100" and seq % 128 == 0  # kernels/attention.py: the TPU default
-    acts, prefill_attn = _prefill(config, layout, batch, seq, c.itemsize, splash)
-    B, N = _local(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
+    acts, prefill_attn = prefill_peak(config, layout, batch, seq, c.itemsize, splash)
+    B, N = local_shape(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
 
     decode_attn = sum(4.0 * B * N * config.head_dim * _slots(config, k, context) for k in config.layer_kinds)
     t_mem = (read + _cache_bytes(config, layout, batch, seq, c.itemsize, context)) / hw.bandwidth

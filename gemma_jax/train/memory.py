@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from gemma_jax.kernels.attention import splash_applies
-from gemma_jax.plan import _BATCH_AXES, GiB, _local, _param_bytes, _prefill
+from gemma_jax.plan import GATHERED_AXES, GiB, device_param_bytes, local_shape, prefill_peak
 from gemma_jax.train.step import StepSpec
 
 
@@ -64,11 +64,11 @@ def estimate_memory(spec: StepSpec) -> MemoryEstimate:
 def _activations(spec: StepSpec) -> int:
     config, layout, c = spec.config, spec.layout, np.dtype(spec.compute_dtype).itemsize
     B, T = spec.micro_batch, spec.seq_len
-    layer, _ = _prefill(config, layout, B, T, c, splash_applies(T))
-    rows, vocab = _local(layout, ("act_batch", "act_vocab"), (B, config.vocab_size))
+    layer, _ = prefill_peak(config, layout, B, T, c, splash_applies(T))
+    rows, vocab = local_shape(layout, ("act_batch", "act_vocab"), (B, config.vocab_size))
     kept = rows * T * config.embed_dim * c if spec.remat == "block" else layer
     logits = rows * T * vocab * (c + 4 + 4)  # the logits, their float32 log-softmax and its gradient
-    weights, _ = _param_bytes(config, layout, np.dtype(spec.compute_dtype), spec.quant, skip=_BATCH_AXES)
+    weights, _ = device_param_bytes(config, layout, np.dtype(spec.compute_dtype), spec.quant, skip=GATHERED_AXES)
     return config.num_layers * kept + layer + logits + weights // config.num_layers
 
 
