@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ import uvicorn
 
 import gemma_jax
 from gemma_jax.serve.server import build, config
+from gemma_jax.tiny import tiny_checkpoint
 
 KEY = "test-key"
 SLOTS, QUEUE, MAX_LEN = 4, 4, 256
@@ -209,34 +211,42 @@ def test_flood_beyond_the_queue_gets_429(server):
     assert _metric(server.port, "gemma_jax_requests_queued") == 0
 
 
-def test_sigterm_finishes_running_requests_and_exits_0(text_checkpoint, tmp_path, monkeypatch):
+def test_sigterm_finishes_running_requests_and_exits_0(tmp_path, monkeypatch):
+    """The CLI as users run it; the demo checkpoint's 2048-token context makes the requests outlast the signal."""
     monkeypatch.chdir(tmp_path)
+    ckpt = tiny_checkpoint(tmp_path / "cache")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen(["gemma-jax", "serve", "--ckpt", str(text_checkpoint[1]), "--port", str(port), "--batch-size", "2",
-                             "--max-len", str(MAX_LEN), "--shutdown-timeout", "60", "--served-model-name", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    cmd = ["gemma-jax", "serve", "--ckpt", str(ckpt), "--dtype", "float32", "--port", str(port), "--batch-size", "2",
+           "--max-len", "1024", "--served-model-name", "tiny", "--shutdown-timeout", "120"]  # fmt: skip
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if _raw(port, "GET", "/health")[0] == 200:
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.2)
-        stream = _client(port, key="none").completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=200, temperature=0, stream=True)
-        chunks = [next(stream)]
-        proc.send_signal(signal.SIGTERM)
-        chunks += list(stream)
-        assert chunks[-1].choices[0].finish_reason in ("length", "stop") and len(chunks) > 2
-        assert proc.wait(timeout=120) == 0
+        while _health(port) != 200:
+            assert server.poll() is None and time.time() < deadline, server.stdout.read()
+            time.sleep(0.2)
+        client = _client(port, key="none")
+        ask = lambda: client.completions.create(model="tiny", prompt="GNU", max_tokens=600, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})  # fmt: skip
+        streams = [ask(), ask()]
+        firsts = [next(s) for s in streams]
+        server.send_signal(signal.SIGTERM)
+        chunks = [[first, *stream] for first, stream in zip(firsts, streams)]
+        assert server.wait(timeout=120) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    log = proc.stdout.read()
-    assert "Traceback" not in log, log
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=5)
+        if server.poll() is None:
+            server.kill()
+    log = server.stdout.read()
+    assert "Traceback" not in log and "Waiting for connections to close" in log, log  # drained, not cut
+    texts = ["".join(c.choices[0].text for c in cs if c.choices) for cs in chunks]
+    assert texts[0] == texts[1] and all(cs[-1].usage.completion_tokens == 600 for cs in chunks)
+    assert _health(port) is None  # no longer listening
+
+
+def _health(port: int) -> int | None:
+    try:
+        return _raw(port, "GET", "/health")[0]
+    except OSError:
+        return None
