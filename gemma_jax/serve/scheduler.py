@@ -139,10 +139,20 @@ class Scheduler:
 
     # -- lifecycle ---------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Compile the decode step and a one-row prefill before serving (every process)."""
-        self.engine.admit([Request("warm-up", [self.tokenizer.bos_id], 1, temperature=0.0)])
-        while self.engine.running:
-            self.engine.step()
+        """Compile the decode step and the prefill of every batch bucket (short prompts) before serving.
+
+        Otherwise the first burst of each size compiles while every running stream waits. Every
+        process of a mesh runs it.
+        """
+        rows = 1
+        while True:
+            count = min(rows, self.engine.slots)
+            self.engine.admit([Request(f"warm-up-{i}", [self.tokenizer.bos_id], 1, temperature=0.0) for i in range(count)])
+            while self.engine.running:
+                self.engine.step()
+            if count == self.engine.slots:
+                return
+            rows *= 2
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._lead, name="gemma-jax-engine", daemon=True)
