@@ -167,11 +167,9 @@ def _completion_prompts(prompt: protocol.Prompt, tokenizer) -> list[list[int]]:
     """Token ids of each prompt: a string, a list of strings, a token-id list, or a list of those."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
-    if not prompt:
+    if not prompt or not all(prompt):
         raise BadRequest("prompt must not be empty", "prompt")
     ids = [tokenizer.encode(p, add_bos=True) if isinstance(p, str) else list(p) for p in prompt]
-    if any(len(i) < 2 and isinstance(p, str) for i, p in zip(ids, prompt)) or not all(ids):
-        raise BadRequest("prompt must not be empty", "prompt")
     bad = [t for i in ids for t in i if not 0 <= t < tokenizer.vocab_size]
     if bad:
         raise BadRequest(f"token id {bad[0]} is outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")

@@ -30,7 +30,8 @@ def build(model: Gemma, *, slots: int, max_len: int | None, max_queue: int) -> S
     max_len = min(model.config.max_position, 4096) if max_len is None else max_len
     if not 2 <= max_len <= model.config.max_position:
         raise ValueError(f"--max-len must be in [2, {model.config.max_position}] (the model's context), got {max_len}")
-    engine = Engine(model, slots=slots, max_len=max_len, sampler=RowSampler(), stop_ids=model.stop_ids())
+    # Empty and padding rows are greedy, so that a batch of greedy requests skips the sampling sort.
+    engine = Engine(model, slots=slots, max_len=max_len, sampler=RowSampler(), temperature=0.0, stop_ids=model.stop_ids())
     return Scheduler(engine, model.tokenizer, max_queue=max_queue)
 
 
