@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import socket
@@ -12,7 +11,6 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -20,12 +18,12 @@ import pytest
 import uvicorn
 
 import gemma_jax
+from gemma_jax import generate
 from gemma_jax.serve.server import build, config
 from gemma_jax.tiny import tiny_checkpoint
 
 KEY = "test-key"
 SLOTS, QUEUE, MAX_LEN = 4, 4, 256
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +119,12 @@ def test_concurrent_mixed_requests_each_get_their_own_result(server, model):
         assert [c.text for c in got.choices] == [w.text for w in want], case
         assert [c.finish_reason for c in got.choices] == [w.finish_reason for w in want], case
     assert results[-1].choices[0].text != results[-1].choices[1].text  # n=2 samples differ
+    compiled = generate._decode._cache_size()
     again = ask(cases[-1])
     assert [c.text for c in again.choices] == [c.text for c in results[-1].choices]  # seeded: reproducible
+    for settings in (dict(temperature=0.5, top_k=5), dict(temperature=1.7, top_p=0.3, seed=1), dict(temperature=0)):
+        server.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=9, extra_body=settings)
+    assert generate._decode._cache_size() == compiled  # per-row settings are traced: one compiled step
 
 
 BAD = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import sys
 import threading
 import time
 import traceback
