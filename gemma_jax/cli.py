@@ -6,6 +6,7 @@ import argparse
 import copy
 import importlib.metadata
 import math
+import os
 import resource
 import sys
 import time
@@ -258,6 +259,15 @@ def _infer(args: argparse.Namespace) -> None:
         )
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from gemma_jax.serve.server import serve
+
+    model = _load_model(args)
+    serve(model, model_name=args.served_model_name or Path(args.ckpt).name, host=args.host, port=args.port,
+          slots=args.batch_size, max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
+          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+
+
 def _convert(args: argparse.Namespace) -> None:
     from gemma_jax.convert import run
 
@@ -338,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--seed", type=_seed(), default=0)
     inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
     inf.set_defaults(run=_infer)
+
+    srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching")
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--batch-size", type=int, default=8, help="decode slots shared by all requests")
+    srv.add_argument("--max-len", type=int, help="tokens per slot, prompt + completion (default: the context, at most 4096)")
+    srv.add_argument("--max-queue", type=int, default=64, help="completions waiting for a slot before new requests get 429")
+    srv.add_argument("--api-key", default=os.environ.get("GEMMA_JAX_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMA_JAX_API_KEY)")  # fmt: skip
+    srv.add_argument("--served-model-name", help="model id in /v1/models and responses (default: the --ckpt name)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
+    srv.set_defaults(run=_serve)
 
     ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
     _add_model_args(ppl)

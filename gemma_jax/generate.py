@@ -132,7 +132,7 @@ _STATIC = ("config", "dtype", "sampler", "layout", "quant")
 
 def _sample(sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
     step_keys = jax.vmap(jax.random.fold_in)(keys, count)  # per-row stream: batch-independent
-    return sampler(logits, step_keys, sampling["temperature"], sampling["top_p"])
+    return sampler(logits, step_keys, sampling)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("cache_len",))

@@ -1,7 +1,10 @@
 """Next-token choice: greedy, or temperature sampling restricted by top-k and top-p.
 
 The static part of the choice (`Sampler`) is a compile-time key; temperature and top-p are
-traced values, so changing them never recompiles.
+traced values, so changing them never recompiles. `RowSampler` makes every setting traced and
+per row, so that one compiled step serves requests with different settings (the server).
+A sampler is called with the traced settings as a dict (`temperature`, `top_p`, and for
+`RowSampler` `top_k`), scalars or one value per row.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ class Sampler:
             return cls()
         return cls(greedy=False, top_k=top_k, use_top_p=top_p is not None and top_p < 1)
 
-    def __call__(self, logits: Array, keys: Array, temperature: Array, top_p: Array) -> Array:
+    def __call__(self, logits: Array, keys: Array, settings: dict[str, Array]) -> Array:
         """logits [B V] float32, keys [B] PRNG keys -> token ids [B] int32."""
+        temperature, top_p = _column(settings["temperature"]), _column(settings["top_p"])
         if self.greedy:
             return argmax(logits).astype(jnp.int32)
         if self.top_k is not None:
@@ -63,6 +67,37 @@ class Sampler:
             logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
         choice = jax.vmap(jax.random.categorical)(keys, logits)
         return (choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSampler:
+    """Each row's own temperature (0: greedy), top_k (0: all tokens) and top_p, all traced.
+
+    Greedy rows take exactly `argmax`, and a batch of greedy rows skips the vocabulary sort.
+    A row with top_p < 1 and no top_k draws what `Sampler(use_top_p=True)` draws from the same key.
+    """
+
+    def __call__(self, logits: Array, keys: Array, settings: dict[str, Array]) -> Array:
+        temperature, top_p, top_k = settings["temperature"], settings["top_p"], settings["top_k"]
+        greedy = argmax(logits).astype(jnp.int32)
+
+        def sample(logits: Array) -> Array:
+            ids = jnp.argsort(-logits, axis=-1)
+            logits = jnp.take_along_axis(logits, ids, axis=-1) / _column(jnp.where(temperature > 0, temperature, 1))
+            rank = jnp.arange(logits.shape[-1])
+            logits = jnp.where((_column(top_k) > 0) & (rank >= _column(top_k)), -jnp.inf, logits)
+            probs = jax.nn.softmax(logits, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            logits = jnp.where((mass_before < _column(top_p)) | (_column(top_p) >= 1), logits, -jnp.inf)
+            choice = jax.vmap(jax.random.categorical)(keys, logits)
+            return jnp.where(temperature > 0, jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0], greedy).astype(jnp.int32)
+
+        return jax.lax.cond(jnp.all(temperature <= 0), lambda _: greedy, sample, logits)
+
+
+def _column(x: Array) -> Array:
+    """A scalar or per-row [B] setting as a column that broadcasts against [B V]."""
+    return jnp.reshape(x, (-1, 1))
 
 
 _ARGMAX_BLOCK = 1024
