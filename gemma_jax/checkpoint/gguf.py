@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as Q
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
-from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
+from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -75,6 +75,7 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
         tokenizer = _tokenizer_from_metadata(meta)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
+    check_layer_count(config, len(reader.tensors), file)
     specs = _gguf_specs(config)
     tensors = {t.name: t for t in reader.tensors}
     _validate(file, tensors, specs, meta["general.architecture"])
@@ -91,7 +92,7 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
         x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
         return x.copy() if np.may_share_memory(x, reader.data) else x  # an F32 tensor can be a view of the file
 
-    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto)
+    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto, origin=str(file))
 
 
 def load_gguf(

@@ -43,7 +43,7 @@ from orbax.checkpoint.experimental.v1 import partial
 from gemma_jax.checkpoint.hf import (
     TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, read_json, read_tokenizer, staged_dir,
 )  # fmt: skip
-from gemma_jax.checkpoint.names import ParamPath, tensor_specs
+from gemma_jax.checkpoint.names import ParamPath, check_layer_count, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -162,7 +162,7 @@ def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = 
     stored = _checked_metadata(ckpt, config)
     dtypes = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
     read = lambda spec: read_leaf(ckpt, spec.path, HostArray(spec.shape, dtypes[spec.path]))
-    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
+    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE, config), origin=str(root))
 
 
 def load_orbax(
@@ -190,7 +190,7 @@ def load_orbax(
         params = ocp.load(ckpt, abstract)
     except Exception as e:  # orbax/tensorstore report damaged data with assorted error types
         raise ValueError(f"{ckpt}: cannot restore the params ({type(e).__name__}: {e})") from e
-    tokenizer = read_tokenizer(root / TOKENIZER_FILE)
+    tokenizer = read_tokenizer(root / TOKENIZER_FILE, config)
     return config, params, None if tokenizer is None else Tokenizer(tokenizer)
 
 
@@ -240,6 +240,7 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
 def _checked_metadata(ckpt: Path, config: GemmaConfig, quant: str | None = None) -> dict[ParamPath, HostArray]:
     """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness."""
     stored = leaf_metadata(ckpt)
+    check_layer_count(config, len(stored), ckpt.parent / CONFIG_FILE)
     if quant is None:
         expected = {s.path: s.shape for s in tensor_specs(config).values()}
     else:
