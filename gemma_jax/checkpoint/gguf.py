@@ -79,6 +79,10 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
     specs = _gguf_specs(config)
     tensors = {t.name: t for t in reader.tensors}
     _validate(file, tensors, specs, meta["general.architecture"])
+    misaligned = [t.name for t in reader.tensors if (t.data_offset - reader.data_offset) % reader.alignment]
+    if misaligned:
+        raise ValueError(f"{file}: the data of tensor {misaligned[0]} is not aligned to {reader.alignment} bytes, "
+                         "as GGUF requires: the file is corrupt")  # fmt: skip
     names = {spec.hf_name: name for name, spec in specs.items()}
     cast = np.dtype(np.float32 if dtype is None else dtype)
 
@@ -202,8 +206,8 @@ def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, Tensor
 
 
 class GGUFFileReader(gguf.GGUFReader):
-    """GGUFReader that parses faster and whose tensor errors (data cut off, sizes that do not fit
-    the type) name the tensor."""
+    """GGUFReader that parses faster, never reads past the end of the file, and whose tensor
+    errors (data cut off, sizes that do not fit the type) name the tensor."""
 
     @property
     def data(self) -> np.ndarray:
@@ -214,6 +218,15 @@ class GGUFFileReader(gguf.GGUFReader):
         # A plain-ndarray view of the same mapping: slicing an np.memmap costs ~4x more, which
         # dominates parsing Gemma's 262k tokenizer strings (~20 s -> ~5 s).
         self._data = mapped.view(np.ndarray)
+
+    def _get(self, offset: int, dtype: npt.DTypeLike, count: int = 1, override_order: Any = None) -> np.ndarray:
+        """gguf's read, refusing to go past the end of the file: gguf returns a short (even empty)
+        array there, so a count edited to 10^18 would loop (and allocate) for ever instead of failing."""
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if offset < 0 or end > len(self._data):
+            raise ValueError(f"the header reads {int(count)} x {np.dtype(dtype).name} at byte {offset}, "
+                             f"past the end of the file ({len(self._data)} bytes)")  # fmt: skip
+        return super()._get(offset, dtype, count, override_order)
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         try:
