@@ -4,8 +4,8 @@ Every mutated checkpoint is loaded by a worker process that runs under an addres
 (RLIMIT_AS: the memory it had after loading the original, plus `MEMORY_BUDGET`) and answers
 within `TIME_BUDGET` seconds, or the test fails naming the case. A load must either succeed
 with the original's logits or fail with one of the errors the CLI reports as one line, its
-message naming the checkpoint. The exceptions: GGUF tensor types, data offsets and the sliding
-window, which a valid file of another model may hold too (GGUF has no checksums), so there a
+message naming the checkpoint. The exceptions: GGUF tensor types, data offsets, value types and
+the sliding window, which a valid file of another model may hold too (GGUF has no checksums), so there a
 load may also succeed with other logits; it must still be bounded and clear.
 """
 
@@ -61,7 +61,10 @@ for line in sys.stdin:
             config, params, _ = open_checkpoint(request["path"], dtype=np.float32)
             answer = {"logits": np.asarray(forward(config)(params, np.asarray([request["tokens"]]))).tolist()}
         except BaseException as e:
-            answer = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
+            chain, cause = [], e
+            while cause is not None:
+                chain, cause = chain + [type(cause).__name__], cause.__cause__ or cause.__context__
+            answer = {"error": type(e).__name__, "chain": chain, "message": str(e), "trace": traceback.format_exc()}
     print(json.dumps(answer), flush=True)
 """
 
@@ -136,6 +139,7 @@ def check_outcome(answer: dict[str, Any], path: Path, what: str, expected: np.nd
             np.testing.assert_array_equal(np.asarray(answer["logits"]), expected, err_msg=f"{what}: loaded, other logits")
         return "ok"
     assert answer["error"] in CLEAR, f"{what}: {answer['error']} is not a clear error:\n{answer['trace']}"
+    assert "MemoryError" not in answer["chain"], f"{what}: ran out of its memory budget:\n{answer['trace']}"
     message = answer["message"]
     assert str(path) in message, f"{what}: the error does not name {path}: {message}"
     assert "\n" not in message, f"{what}: the error is not one line: {message}"
@@ -255,8 +259,10 @@ def _fields(file: Path) -> tuple[list[tuple[str, int, np.dtype, bool]], int]:
             if np.issubdtype(part.dtype, np.integer):  # a float (eps, rope base, caps) takes any value validly
                 # a changed window (e.g. 1) is a valid model with other logits
                 targets.append((f"{key} value", at(part), part.dtype, key.endswith("sliding_window")))
-            targets.append((f"{key} value type", at(field.parts[2]), field.parts[2].dtype, False))
-        if key == "tokenizer.ggml.tokens":
+            # a float read as an int (or back) can be a valid value of another model
+            targets.append((f"{key} value type", at(field.parts[2]), field.parts[2].dtype, True))
+        if field.types[0] == gguf.GGUFValueType.ARRAY:  # parts: key length, key, type, item type, count, items
+            targets.append((f"{key} item type", at(field.parts[3]), field.parts[3].dtype, False))
             targets.append((f"{key} count", at(field.parts[4]), field.parts[4].dtype, False))
         targets.append((f"{key} key length", at(field.parts[0]), field.parts[0].dtype, False))
     for tensor in reader.tensors:
@@ -300,7 +306,18 @@ def test_fuzz_gguf(worker, bases, reference, tmp_path):
 # --- the size fields of issue #16, item 8, each a few bytes from a valid file ----------------
 
 
-def test_huge_layer_counts_are_refused_within_bounds(worker, bases, reference, tmp_path):
+def _edit_gguf(base: Path, dest: Path, edits: dict[str, int]) -> Path:
+    """`base` with the integers described as `_fields` names them set to new values."""
+    targets, _ = _fields(base)
+    data = bytearray(base.read_bytes())
+    for what, value in edits.items():
+        [(_, offset, dtype, _)] = [t for t in targets if t[0] == what]
+        data[offset : offset + dtype.itemsize] = np.array(value, dtype).tobytes()
+    dest.write_bytes(data)
+    return dest
+
+
+def test_huge_counts_are_refused_within_bounds(worker, bases, reference, tmp_path):
     cases = {}
     config = json.loads((bases["hf"] / "config.json").read_text())
     for name, edit in {"no-layer-types": {"layer_types": None}, "layer-types": {}}.items():
@@ -313,16 +330,17 @@ def test_huge_layer_counts_are_refused_within_bounds(worker, bases, reference, t
     meta = json.loads((ckpt / "gemma_config.json").read_text())
     meta["config"]["num_layers"] = 10**9
     (ckpt / "gemma_config.json").write_text(json.dumps(meta))
-    targets, arch = _fields(bases["gguf"])
-    [(_, offset, dtype, _)] = [t for t in targets if t[0] == f"{arch}.block_count value"]
-    data = bytearray(bases["gguf"].read_bytes())
-    data[offset : offset + dtype.itemsize] = np.array(10**9, dtype).tobytes()
-    file = cases["gguf block_count"] = tmp_path / "huge.gguf"
-    file.write_bytes(data)
+    arch = gguf.GGUFReader(bases["gguf"]).fields["general.architecture"].contents()
+    cases["gguf block_count"] = _edit_gguf(bases["gguf"], tmp_path / "layers.gguf", {f"{arch}.block_count value": 10**9})
     for what, path in cases.items():
         answer = worker.load(path, what)
         assert check_outcome(answer, path, what, None) == "error"
         assert "1000000000" in answer["message"], answer["message"]
+    # gguf reads array items past the end of the file as empty arrays: a byte array's count then
+    # drove an endless loop (filling memory) instead of an error
+    edits = {"tokenizer.ggml.scores item type": int(gguf.GGUFValueType.UINT8), "tokenizer.ggml.scores count": 2**60}
+    path = _edit_gguf(bases["gguf"], tmp_path / "count.gguf", edits)
+    assert check_outcome(worker.load(path, "byte array of 2^60 items"), path, "byte array of 2^60 items", None) == "error"
 
 
 def test_backtracking_ignore_pattern_loads_in_bounded_time(worker, bases, reference, tmp_path):
