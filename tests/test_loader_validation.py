@@ -211,3 +211,10 @@ def test_misaligned_gguf_tensor_data_is_refused(ckpt: Path) -> None:
     bad = _edit_gguf(good, Path("shifted.gguf"), {"blk.1.attn_q.weight data offset": int(stored) + 4})
     with pytest.raises(ValueError, match=r"^shifted.gguf: the data of tensor blk.1.attn_q.weight is not aligned to 32 bytes"):
         open_checkpoint(bad)
+
+
+def test_bad_gguf_metadata_value_names_the_key(ckpt: Path) -> None:
+    good = write_gguf(Path("model.gguf"), hf_source(ckpt))
+    bad = _edit_gguf(good, Path("heads.gguf"), {"gemma2.attention.head_count value": 0})
+    with pytest.raises(ValueError, match=r"^heads.gguf: field 'gemma2.attention.head_count' must be a positive integer, got 0$"):
+        open_checkpoint(bad)

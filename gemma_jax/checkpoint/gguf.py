@@ -36,7 +36,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
 from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
-from gemma_jax.config import GemmaConfig
+from gemma_jax.config import ConfigError, GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
 SaveType = Literal["f32", "f16", "bf16", "q8_0"]
@@ -53,6 +53,15 @@ _SAVE = {  # type -> (GGML type of matrices, general.file_type)
 }
 _PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token types (1 normal ... 6 byte)
 _REQUIRED = object()
+_GGUF_KEY = {  # our config field -> the metadata key it comes from, for error messages
+    "vocab_size": "tokenizer.ggml.tokens", "embed_dim": "{arch}.embedding_length", "num_layers": "{arch}.block_count",
+    "num_heads": "{arch}.attention.head_count", "num_kv_heads": "{arch}.attention.head_count_kv",
+    "head_dim": "{arch}.attention.key_length", "mlp_dim": "{arch}.feed_forward_length",
+    "max_position": "{arch}.context_length", "rope_base": "{arch}.rope.freq_base", "rope_scale": "{arch}.rope.scaling.factor",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon", "sliding_window": "{arch}.attention.sliding_window",
+    "attn_logit_softcap": "{arch}.attn_logit_softcapping", "final_logit_softcap": "{arch}.final_logit_softcapping",
+    "pad_id": "tokenizer.ggml.padding_token_id", "eos_id": "tokenizer.ggml.eos_token_id", "bos_id": "tokenizer.ggml.bos_token_id",
+}  # fmt: skip
 
 
 def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
@@ -275,7 +284,8 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
         raise ValueError(f"unsupported RoPE scaling {scaling!r} x{factor} for {arch}")
     try:
         embed, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
-        head_dim = get("attention.key_length", embed // heads)
+        divisible = all(isinstance(n, int) and n > 0 for n in (embed, heads))  # else GemmaConfig says which is not
+        head_dim = get("attention.key_length", embed // heads if divisible else None)
         # llama.cpp: Gemma 1 has no sliding window, Gemma 2 defaults to 4096, Gemma 3 without one is all global.
         window = get("attention.sliding_window", 4096 if arch == "gemma2" else 0) if arch in _SWA_PERIOD else 0
         period = _SWA_PERIOD[arch] if window else 1
@@ -288,7 +298,7 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
             num_kv_heads=get("attention.head_count_kv", heads),
             head_dim=head_dim,
             mlp_dim=get("feed_forward_length"),
-            query_pre_attn_scalar=embed // heads if layers == _LAYERS_27B.get(arch) else head_dim,
+            query_pre_attn_scalar=embed // heads if divisible and layers == _LAYERS_27B.get(arch) else head_dim,
             layer_pattern=("local",) * (period - 1) + ("global",),
             sliding_window=window or None,
             attn_logit_softcap=get("attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
@@ -304,7 +314,9 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
             eos_id=meta.get("tokenizer.ggml.eos_token_id", 1),
             bos_id=meta.get("tokenizer.ggml.bos_token_id", 2),
         )
-    except (TypeError, ZeroDivisionError) as e:  # e.g. a per-layer array where Gemma has one number
+    except ConfigError as e:  # name the metadata key, not our field
+        raise ConfigError(_GGUF_KEY.get(e.field, e.field).format(arch=arch), e.problem) from None
+    except TypeError as e:  # e.g. a per-layer array where Gemma has one number
         raise ValueError(f"metadata does not describe a Gemma model: {e}") from e
 
 
