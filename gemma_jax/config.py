@@ -8,6 +8,8 @@ model file.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import yaml
@@ -19,6 +21,33 @@ _HF_ARCHITECTURE = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", 
 LAYER_KINDS = ("local", "global")
 # Hugging Face `layer_types` entries and ours.
 _HF_LAYER_KIND = {"sliding_attention": "local", "full_attention": "global"}
+# What each field must hold; every config, from any file, is checked against this in one place.
+_FIELD_KINDS = {
+    "vocab_size": "count", "embed_dim": "count", "num_layers": "count", "num_heads": "count",
+    "num_kv_heads": "count", "head_dim": "count", "mlp_dim": "count", "query_pre_attn_scalar": "positive",
+    "sliding_window": "optional count", "attn_logit_softcap": "optional positive",
+    "final_logit_softcap": "optional positive", "use_post_norms": "flag", "use_qk_norm": "flag",
+    "max_position": "count", "rope_base": "positive", "rope_local_base": "optional positive",
+    "rope_scale": "positive", "rms_norm_eps": "positive", "pad_id": "token id", "eos_id": "token id", "bos_id": "token id",
+}  # fmt: skip
+_OPTIONAL = ("optional count", "optional positive")
+# Our field -> the Hugging Face config.json key it comes from, for error messages.
+_HF_FIELD = {
+    "embed_dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads", "mlp_dim": "intermediate_size", "layer_pattern": "layer_types",
+    "attn_logit_softcap": "attn_logit_softcapping", "final_logit_softcap": "final_logit_softcapping",
+    "max_position": "max_position_embeddings", "rope_base": "rope_theta",
+    "rope_local_base": "rope_parameters.sliding_attention.rope_theta", "rope_scale": "rope_parameters.full_attention.factor",
+    "pad_id": "pad_token_id", "eos_id": "eos_token_id", "bos_id": "bos_token_id",
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config field holding a value no Gemma model has; the message names the field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"field {field!r} {problem}")
+        self.field, self.problem = field, problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,16 +81,30 @@ class GemmaConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"unknown model_type {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
-        for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"config field {name} must be a positive integer, got {getattr(self, name)!r}")
+            raise ConfigError("model_type", f"is {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        for name, kind in _FIELD_KINDS.items():
+            value = getattr(self, name)
+            if value is None and kind in _OPTIONAL:
+                continue
+            if kind in ("count", "optional count", "token id"):
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                    raise ConfigError(name, f"must be an integer, got {value!r}")
+                object.__setattr__(self, name, int(value))  # numpy integers from metadata become plain ints
+                if kind == "token id" and not 0 <= value < self.vocab_size:
+                    raise ConfigError(name, f"must be a token id below vocab_size={self.vocab_size}, got {value!r}")
+                if kind != "token id" and value <= 0:
+                    raise ConfigError(name, f"must be a positive integer, got {value!r}")
+            elif kind in ("positive", "optional positive"):
+                if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
+                    raise ConfigError(name, f"must be a positive finite number, got {value!r}")
+            elif not isinstance(value, bool):
+                raise ConfigError(name, f"must be true or false, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ConfigError("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
         if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
-            raise ValueError(f"layer_pattern must list 'local'/'global' entries, got {self.layer_pattern!r}")
+            raise ConfigError("layer_pattern", f"must list 'local'/'global' entries, got {self.layer_pattern!r}")
         if "local" in self.layer_pattern and not self.sliding_window:
-            raise ValueError("layer_pattern has local layers but sliding_window is not set")
+            raise ConfigError("sliding_window", "is not set, but layer_pattern has local layers")
 
     def rope_for(self, kind: str) -> tuple[float, float]:
         """(base, linear scale) of the rotary embedding on a 'local' or 'global' layer."""
@@ -87,54 +130,64 @@ class GemmaConfig:
     # --- Hugging Face config.json ----------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> GemmaConfig:
-        """Build from a Hugging Face `config.json` dict (GemmaForCausalLM / Gemma2ForCausalLM)."""
+        """Build from a Hugging Face `config.json` dict (GemmaForCausalLM / Gemma2ForCausalLM).
+
+        Raises ConfigError naming the config.json key of any missing or invalid value. Nothing is
+        built in proportion to `num_hidden_layers` here (it is checked against the tensors later).
+        """
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(MODEL_TYPES)}")
+            raise ConfigError("model_type", f"is {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu"):  # Gemma always uses the tanh GELU; old configs say "gelu"
-            raise ValueError(f"unsupported activation {act!r} in config.json (Gemma uses gelu_pytorch_tanh)")
-        rope = hf.get("rope_parameters") or {}
+            raise ConfigError("hidden_activation", f"is {act!r}; Gemma uses gelu_pytorch_tanh")
+        rope = _given(hf, "rope_parameters", {})
+        if not isinstance(rope, dict):
+            raise ConfigError("rope_parameters", f"must be an object, got {_short(rope)}")
         global_rope, local_rope = rope.get("full_attention", rope), rope.get("sliding_attention", rope)
-        for params in (global_rope, local_rope):
+        for key, params in (("rope_parameters.full_attention", global_rope), ("rope_parameters.sliding_attention", local_rope)):
+            if not isinstance(params, dict):
+                raise ConfigError(key, f"must be an object, got {_short(params)}")
             if params.get("rope_type", "default") not in ("default", "linear"):
-                raise ValueError(f"unsupported rope_type {params.get('rope_type')!r} in config.json")
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-        num_layers = hf["num_hidden_layers"]
+                raise ConfigError(key, f"has unsupported rope_type {params.get('rope_type')!r}")
+        hidden, heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
+        divisible = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (hidden, heads))
+        head_dim = _given(hf, "head_dim", hidden // heads if divisible else None)
+        num_layers = _required(hf, "num_hidden_layers")
         if model_type != "gemma":
-            kinds = [_HF_LAYER_KIND[t] for t in hf.get("layer_types") or []] or [
-                "local" if i % 2 == 0 else "global" for i in range(num_layers)
-            ]
             extra = dict(
-                layer_pattern=_shortest_period(kinds),
-                sliding_window=hf.get("sliding_window") or 4096,
+                layer_pattern=_layer_pattern(hf.get("layer_types"), num_layers),
+                sliding_window=_given(hf, "sliding_window", 4096),
                 attn_logit_softcap=hf.get("attn_logit_softcapping"),
                 final_logit_softcap=hf.get("final_logit_softcapping"),
                 use_post_norms=True,
                 use_qk_norm=model_type == "gemma3_text",
-                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", head_dim),
+                query_pre_attn_scalar=_given(hf, "query_pre_attn_scalar", head_dim),
             )
             if model_type == "gemma3_text":
-                extra.update(rope_local_base=local_rope.get("rope_theta"), rope_scale=global_rope.get("factor", 1.0))
+                extra.update(rope_local_base=local_rope.get("rope_theta"), rope_scale=_given(global_rope, "factor", 1.0))
         else:
             extra = dict(layer_pattern=("global",), query_pre_attn_scalar=head_dim)
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            embed_dim=hf["hidden_size"],
-            num_layers=num_layers,
-            num_heads=hf["num_attention_heads"],
-            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=head_dim,
-            mlp_dim=hf["intermediate_size"],
-            max_position=hf.get("max_position_embeddings", 8192),
-            rope_base=global_rope.get("rope_theta") or hf.get("rope_theta") or 10_000.0,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            pad_id=hf.get("pad_token_id", 0),
-            eos_id=_first(hf.get("eos_token_id", 1)),
-            bos_id=hf.get("bos_token_id", 2),
-            **extra,
-        )
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=_required(hf, "vocab_size"),
+                embed_dim=hidden,
+                num_layers=num_layers,
+                num_heads=heads,
+                num_kv_heads=_given(hf, "num_key_value_heads", heads),
+                head_dim=head_dim,
+                mlp_dim=_required(hf, "intermediate_size"),
+                max_position=_given(hf, "max_position_embeddings", 8192),
+                rope_base=_given(global_rope, "rope_theta", _given(hf, "rope_theta", 10_000.0)),
+                rms_norm_eps=_given(hf, "rms_norm_eps", 1e-6),
+                pad_id=_given(hf, "pad_token_id", 0),
+                eos_id=_first(_given(hf, "eos_token_id", 1)),
+                bos_id=_given(hf, "bos_token_id", 2),
+                **extra,
+            )
+        except ConfigError as e:  # name the config.json key, not ours
+            raise ConfigError(_HF_FIELD.get(e.field, e.field), e.problem) from None
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face `config.json` dict that `transformers` loads as this model."""
@@ -176,13 +229,55 @@ class GemmaConfig:
         return hf
 
 
+def _required(hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise ConfigError(key, "is missing")
+    return hf[key]
+
+
+def _given(hf: dict[str, Any], key: str, default: Any) -> Any:
+    """hf[key], or `default` where the key is absent or null (never where it holds 0 or "")."""
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _layer_pattern(layer_types: Any, num_layers: Any) -> tuple[str, ...]:
+    """Our repeating layer pattern from HF `layer_types` (Gemma 2's alternation when absent)."""
+    if layer_types is None:
+        return ("local", "global")
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConfigError("layer_types", f"must list one entry per layer ({num_layers!r}), got {_short(layer_types)}")
+    bad = [t for t in layer_types if t not in _HF_LAYER_KIND]
+    if bad:
+        raise ConfigError("layer_types", f"holds {_short(bad[0])}; entries are {' or '.join(_HF_LAYER_KIND)}")
+    return _shortest_period([_HF_LAYER_KIND[t] for t in layer_types])
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
-    """The shortest pattern whose repetition gives `kinds` (["local","global"]*13 -> ("local","global"))."""
-    for n in range(1, len(kinds) + 1):
-        if all(kinds[i] == kinds[i % n] for i in range(len(kinds))):
-            return tuple(kinds[:n])
-    raise AssertionError("unreachable")
+    """The shortest pattern whose repetition gives `kinds` (["local","global"]*13 -> ("local","global")).
+
+    Linear time (the Knuth-Morris-Pratt failure function: the longest proper border of the
+    whole list is `len - period`), so a long `layer_types` list cannot stall loading."""
+    if not kinds:
+        return ()
+    border = [0] * len(kinds)
+    for i in range(1, len(kinds)):
+        k = border[i - 1]
+        while k and kinds[i] != kinds[k]:
+            k = border[k - 1]
+        border[i] = k + (kinds[i] == kinds[k])
+    return tuple(kinds[: len(kinds) - border[-1]])
 
 
-def _first(value: int | list[int]) -> int:
-    return value[0] if isinstance(value, list) else value
+def _first(value: Any) -> Any:
+    """The first of a list of ids (HF allows several eos ids); an empty list is refused."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError("eos_token_id", "is an empty list")
+        return value[0]
+    return value

@@ -70,3 +70,21 @@ def text_checkpoint(tmp_path_factory):
     model = make_hf_model("gemma2", seed=8, weight_scale=1.5, post_norm_offset=10.0, vocab_size=tokenizer.vocab_size)
     model.save_pretrained(path)
     return model, path
+
+
+def tiny_tokenizer_model(vocab_size: int) -> bytes:
+    """A valid Gemma-style sentencepiece model with only `vocab_size` pieces (specials, then letters),
+    for checkpoints whose vocabulary is too small for a trained tokenizer (which needs 256 byte pieces)."""
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    specials = [("<pad>", 3), ("<eos>", 3), ("<bos>", 3), ("<unk>", 2)]  # CONTROL, CONTROL, CONTROL, UNKNOWN
+    letters = [(chr(ord("a") + i % 26) * (1 + i // 26), 1) for i in range(vocab_size - len(specials))]
+    for piece, kind in specials + letters:
+        proto.pieces.add(piece=piece, score=0.0, type=kind)
+    trainer = proto.trainer_spec
+    trainer.model_type, trainer.vocab_size = sp_pb2.TrainerSpec.BPE, vocab_size
+    trainer.pad_id, trainer.eos_id, trainer.bos_id, trainer.unk_id = 0, 1, 2, 3
+    trainer.pad_piece, trainer.eos_piece, trainer.bos_piece, trainer.unk_piece = (p for p, _ in specials)
+    proto.normalizer_spec.name = "identity"
+    return proto.SerializeToString()

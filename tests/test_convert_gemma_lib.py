@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
-from conftest import make_hf_model
+from conftest import make_hf_model, tiny_tokenizer_model
 from test_convert import assert_same_bits, hf_tensors
 
 import configs
@@ -86,13 +86,13 @@ def _arrange(params: dict[str, np.ndarray], flat: bool, dtype: np.dtype) -> dict
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_google_checkpoint_converts_to_what_transformers_had(case: str, tmp_path: Path, text_checkpoint) -> None:
+def test_google_checkpoint_converts_to_what_transformers_had(case: str, tmp_path: Path) -> None:
     model_type, overrides, transposed, flat, dtype = CASES[case]
     model = make_hf_model(model_type, **overrides).to(dtype)
     np_dtype = np.dtype("bfloat16") if dtype == torch.bfloat16 else np.dtype(np.float32)
     ckpt = tmp_path / "kaggle" / "ckpt"
     ocp.PyTreeCheckpointer().save(ckpt, _arrange(_google_params(model, transposed), flat, np_dtype))
-    tokenizer = (text_checkpoint[1] / "tokenizer.model").read_bytes()
+    tokenizer = tiny_tokenizer_model(model.config.vocab_size)
     (tmp_path / "kaggle" / "tokenizer.model").write_bytes(tokenizer)  # Kaggle puts it beside the checkpoint
     model.save_pretrained(tmp_path / "reference")
     assert detect_format(ckpt) == "gemma-lib"

@@ -20,6 +20,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from conftest import tiny_tokenizer_model
 from gemma_jax.checkpoint import expected_hf_shapes, load_hf, save_hf
 from gemma_jax.config import GemmaConfig
 
@@ -150,7 +151,7 @@ def test_save_matches_transformers(ckpt: tuple[Path, Any, bool], tmp_path: Path)
     path, model, sharded = ckpt
     config, params = load_hf(path)
     tokenizer = tmp_path / "spm.model"
-    tokenizer.write_bytes(b"not really sentencepiece")
+    tokenizer.write_bytes(tiny_tokenizer_model(config.vocab_size))
     out = save_hf(tmp_path / "out", config, params, max_shard_bytes=SHARD if sharded else 2**31,
                   tokenizer_model=tokenizer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "spm.model"]  # no temp dirs left

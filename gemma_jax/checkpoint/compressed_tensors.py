@@ -17,20 +17,20 @@ export gives every weight back within half a quantization step.
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import numpy.typing as npt
+import re2
 
 from gemma_jax.checkpoint.hf import (
     CONFIG_FILE, TOKENIZER_FILE, FLOAT_DTYPES, Put, Shape, TensorSource, check_tree, collect, hf_config, locate_tensors,
     read_hf_config, read_json, read_tensor, read_tokenizer, write_hf_dir,
 )  # fmt: skip
-from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
+from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
@@ -40,6 +40,8 @@ _HALF_RANGE = 127.5  # (127 - (-128)) / 2: compressed-tensors' symmetric int8 st
 _WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None, "dynamic": False}
 _WEIGHT_DEFAULTS = {"group_size": None, "dynamic": False}  # compressed-tensors' defaults for omitted fields
 _ACTIVATIONS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.log_errors = False  # a bad pattern is reported as our error, not also logged to stderr
 QUANTIZATION_CONFIG: dict[str, Any] = {  # what export writes: W8A8, as llm-compressor writes it
     "quant_method": QUANT_METHOD,
     "format": FORMAT,
@@ -65,9 +67,10 @@ def compressed_tensors_source(path: str | os.PathLike[str], *, dtype: npt.DTypeL
     """Open a W8A8 compressed-tensors checkpoint for streaming, dequantizing each projection as it is read."""
     root = Path(path)
     config = read_hf_config(root)
+    located = locate_tensors(root)
+    check_layer_count(config, len(located), root / CONFIG_FILE)
     specs = tensor_specs(config)
     quantized = _quantized(root / CONFIG_FILE, specs)
-    located = locate_tensors(root)
     stored = {name: entry for s in specs.values() for name, entry in _stored(s, s.hf_name in quantized).items()}
     check_tree({name: loc.shape for name, loc in located.items()}, {name: shape for name, (shape, _) in stored.items()},
                f"{root} (compressed-tensors W8A8)")  # fmt: skip
@@ -86,7 +89,7 @@ def compressed_tensors_source(path: str | os.PathLike[str], *, dtype: npt.DTypeL
             w = w.astype(np.float32) * scale.astype(np.float32)
         return spec.to_ours(w.astype(dtypes[spec.path], copy=False))
 
-    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
+    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE, config), origin=str(root))
 
 
 def load_compressed_tensors(
@@ -166,9 +169,23 @@ def _quantized(file: Path, specs: Mapping[str, TensorSpec]) -> set[str]:
     if acts is not None and not acts.get("dynamic"):
         raise ValueError(f"{file}: static activation quantization (stored input scales) is not supported")
     ignore = quant.get("ignore") or []
-    return {s.hf_name for s in specs.values() if s.linear and not _ignored(s.hf_name.removesuffix(".weight"), ignore)}
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        raise ValueError(f"{file}: quantization_config.ignore must be a list of strings, got {ignore!r:.80}")
+    matchers = [_matcher(file, p) for p in ignore]
+    return {s.hf_name for s in specs.values() if s.linear and not any(m(s.hf_name.removesuffix(".weight")) for m in matchers)}
 
 
-def _ignored(module: str, patterns: list[str]) -> bool:
-    """compressed-tensors' `ignore` matching: exact module names, or "re:" regexes matched at the start."""
-    return any(re.match(p[3:], module) if p.startswith("re:") else p == module for p in patterns)
+def _matcher(file: Path, pattern: str) -> Callable[[str], bool]:
+    """compressed-tensors' `ignore` matching: an exact module name, or a "re:" regex matched at the start.
+
+    The regex runs on RE2, whose time is linear in the name, as Python's backtracking engine's is
+    not: a pattern like "(.*.*)*Z" would otherwise stall loading for ever. RE2 lacks only
+    backreferences and lookaround, which module-name patterns do not need; such a pattern is refused.
+    """
+    if not pattern.startswith("re:"):
+        return lambda module: module == pattern
+    try:
+        regex = re2.compile(pattern[3:], _RE2_OPTIONS)
+    except re2.error as e:
+        raise ValueError(f"{file}: ignore pattern {pattern!r} is not a regex RE2 can run ({e})") from e
+    return lambda module: regex.match(module) is not None

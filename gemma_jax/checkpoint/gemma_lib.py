@@ -85,10 +85,12 @@ def gemma_lib_source(
         return np.ascontiguousarray(transform(fetch(name)))
 
     if tokenizer is not None:
-        tokenizer_model = Path(tokenizer).read_bytes()
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {tokenizer}")
+        tokenizer_model = read_tokenizer(Path(tokenizer), config)
     else:
-        tokenizer_model = read_tokenizer(ckpt / TOKENIZER_FILE) or read_tokenizer(ckpt.parent / TOKENIZER_FILE)
-    return TensorSource(config, dtypes, read, tokenizer_model)
+        tokenizer_model = read_tokenizer(ckpt / TOKENIZER_FILE, config) or read_tokenizer(ckpt.parent / TOKENIZER_FILE, config)
+    return TensorSource(config, dtypes, read, tokenizer_model, origin=str(ckpt))
 
 
 def load_gemma_lib(

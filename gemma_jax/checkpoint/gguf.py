@@ -34,9 +34,9 @@ from gguf import GGMLQuantizationType as Q
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
-from gemma_jax.checkpoint.names import TensorSpec, tensor_specs
+from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
 from gemma_jax.checkpoint.staging import refuse_existing, staged_file
-from gemma_jax.config import GemmaConfig
+from gemma_jax.config import ConfigError, GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
 
 SaveType = Literal["f32", "f16", "bf16", "q8_0"]
@@ -53,6 +53,15 @@ _SAVE = {  # type -> (GGML type of matrices, general.file_type)
 }
 _PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token types (1 normal ... 6 byte)
 _REQUIRED = object()
+_GGUF_KEY = {  # our config field -> the metadata key it comes from, for error messages
+    "vocab_size": "tokenizer.ggml.tokens", "embed_dim": "{arch}.embedding_length", "num_layers": "{arch}.block_count",
+    "num_heads": "{arch}.attention.head_count", "num_kv_heads": "{arch}.attention.head_count_kv",
+    "head_dim": "{arch}.attention.key_length", "mlp_dim": "{arch}.feed_forward_length",
+    "max_position": "{arch}.context_length", "rope_base": "{arch}.rope.freq_base", "rope_scale": "{arch}.rope.scaling.factor",
+    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon", "sliding_window": "{arch}.attention.sliding_window",
+    "attn_logit_softcap": "{arch}.attn_logit_softcapping", "final_logit_softcap": "{arch}.final_logit_softcapping",
+    "pad_id": "tokenizer.ggml.padding_token_id", "eos_id": "tokenizer.ggml.eos_token_id", "bos_id": "tokenizer.ggml.bos_token_id",
+}  # fmt: skip
 
 
 def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
@@ -75,9 +84,14 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
         tokenizer = _tokenizer_from_metadata(meta)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
+    check_layer_count(config, len(reader.tensors), file)
     specs = _gguf_specs(config)
     tensors = {t.name: t for t in reader.tensors}
     _validate(file, tensors, specs, meta["general.architecture"])
+    misaligned = [t.name for t in reader.tensors if (t.data_offset - reader.data_offset) % reader.alignment]
+    if misaligned:
+        raise ValueError(f"{file}: the data of tensor {misaligned[0]} is not aligned to {reader.alignment} bytes, "
+                         "as GGUF requires: the file is corrupt")  # fmt: skip
     names = {spec.hf_name: name for name, spec in specs.items()}
     cast = np.dtype(np.float32 if dtype is None else dtype)
 
@@ -91,7 +105,7 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
         x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
         return x.copy() if np.may_share_memory(x, reader.data) else x  # an F32 tensor can be a view of the file
 
-    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto)
+    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto, origin=str(file))
 
 
 def load_gguf(
@@ -196,8 +210,8 @@ def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, Tensor
 
 
 class GGUFFileReader(gguf.GGUFReader):
-    """GGUFReader that parses faster and whose tensor errors (data cut off, sizes that do not fit
-    the type) name the tensor."""
+    """GGUFReader that parses faster, never reads past the end of the file, and whose tensor
+    errors (data cut off, sizes that do not fit the type) name the tensor."""
 
     @property
     def data(self) -> np.ndarray:
@@ -208,6 +222,15 @@ class GGUFFileReader(gguf.GGUFReader):
         # A plain-ndarray view of the same mapping: slicing an np.memmap costs ~4x more, which
         # dominates parsing Gemma's 262k tokenizer strings (~20 s -> ~5 s).
         self._data = mapped.view(np.ndarray)
+
+    def _get(self, offset: int, dtype: npt.DTypeLike, count: int = 1, override_order: Any = None) -> np.ndarray:
+        """gguf's read, refusing to go past the end of the file: gguf returns a short (even empty)
+        array there, so a count edited to 10^18 would loop (and allocate) for ever instead of failing."""
+        end = int(offset) + np.dtype(dtype).itemsize * int(count)
+        if offset < 0 or end > len(self._data):
+            raise ValueError(f"the header reads {int(count)} x {np.dtype(dtype).name} at byte {offset}, "
+                             f"past the end of the file ({len(self._data)} bytes)")  # fmt: skip
+        return super()._get(offset, dtype, count, override_order)
 
     def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
         try:
@@ -256,7 +279,8 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
         raise ValueError(f"unsupported RoPE scaling {scaling!r} x{factor} for {arch}")
     try:
         embed, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
-        head_dim = get("attention.key_length", embed // heads)
+        divisible = all(isinstance(n, int) and n > 0 for n in (embed, heads))  # else GemmaConfig says which is not
+        head_dim = get("attention.key_length", embed // heads if divisible else None)
         # llama.cpp: Gemma 1 has no sliding window, Gemma 2 defaults to 4096, Gemma 3 without one is all global.
         window = get("attention.sliding_window", 4096 if arch == "gemma2" else 0) if arch in _SWA_PERIOD else 0
         period = _SWA_PERIOD[arch] if window else 1
@@ -269,7 +293,7 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
             num_kv_heads=get("attention.head_count_kv", heads),
             head_dim=head_dim,
             mlp_dim=get("feed_forward_length"),
-            query_pre_attn_scalar=embed // heads if layers == _LAYERS_27B.get(arch) else head_dim,
+            query_pre_attn_scalar=embed // heads if divisible and layers == _LAYERS_27B.get(arch) else head_dim,
             layer_pattern=("local",) * (period - 1) + ("global",),
             sliding_window=window or None,
             attn_logit_softcap=get("attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
@@ -285,7 +309,9 @@ def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
             eos_id=meta.get("tokenizer.ggml.eos_token_id", 1),
             bos_id=meta.get("tokenizer.ggml.bos_token_id", 2),
         )
-    except (TypeError, ZeroDivisionError) as e:  # e.g. a per-layer array where Gemma has one number
+    except ConfigError as e:  # name the metadata key, not our field
+        raise ConfigError(_GGUF_KEY.get(e.field, e.field).format(arch=arch), e.problem) from None
+    except TypeError as e:  # e.g. a per-layer array where Gemma has one number
         raise ValueError(f"metadata does not describe a Gemma model: {e}") from e
 
 

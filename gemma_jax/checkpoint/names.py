@@ -75,6 +75,19 @@ def _shape(spec: str, dims: dict[str, int]) -> tuple[int, ...]:
     return tuple(math.prod(dims[c] for c in word) for word in spec.split())
 
 
+def check_layer_count(config: GemmaConfig, stored: int, where: object) -> None:
+    """Refuse a config with more layers than the checkpoint stores tensors, before anything is built per layer.
+
+    The layer count comes from a header: four edited bytes can make it 10^9, and the tables built
+    per layer (ours, gguf's name map) would then fill the memory. Every layer has several tensors,
+    so a true config never has more layers than its checkpoint has tensors; smaller mismatches are
+    then reported tensor by tensor.
+    """
+    if config.num_layers > stored:
+        raise ValueError(f"{where}: the config says {config.num_layers} layers, "
+                         f"but the checkpoint holds only {stored} tensors")  # fmt: skip
+
+
 def tensor_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
     """Every tensor a checkpoint for `config` holds, keyed by HF name, in HF's layer order."""
     dims = dict(V=config.vocab_size, D=config.embed_dim, F=config.mlp_dim,

@@ -51,7 +51,7 @@ from gemma_jax.checkpoint.hf import (
     TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, listing, read_json, read_tokenizer,
 )  # fmt: skip
 from gemma_jax.checkpoint.manifest import MANIFEST_FILE, Entry, Manifest, exact_widening, tensor_entry, write_manifest
-from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
+from gemma_jax.checkpoint.names import ParamPath, TensorSpec, check_layer_count, tensor_specs
 from gemma_jax.checkpoint.staging import staged_dir
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
@@ -190,7 +190,7 @@ def orbax_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = 
         manifest.check_tensor(tensor_name(spec.path), x)
         return x.astype(dtypes[spec.path], copy=False)
 
-    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE))
+    return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE, config), origin=str(root))
 
 
 def load_orbax(
@@ -217,6 +217,7 @@ def load_orbax(
     dtype = None if quant is not None else dtype
     ckpt = root / PARAMS_DIR
     stored = _checked_metadata(ckpt, config, quant, manifest=manifest)
+    tokenizer = read_tokenizer(root / TOKENIZER_FILE, config)  # refused before any weight is read
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     where = sharding or (lambda _p, _s: device)
     wanted = {p: np.dtype(dtype or leaf.dtype) for p, leaf in stored.items()}
@@ -235,7 +236,6 @@ def load_orbax(
             manifest.check_tensor(tensor_name(p), x)
             if not checkable(p):
                 set_path(params, p, x.astype(wanted[p]))
-    tokenizer = read_tokenizer(root / TOKENIZER_FILE)
     return config, params, None if tokenizer is None else Tokenizer(tokenizer)
 
 
@@ -321,6 +321,7 @@ def _checked_metadata(
     """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness;
     and against the checksum `manifest`'s names, shapes and dtypes."""
     stored = leaf_metadata(ckpt)
+    check_layer_count(config, len(stored), ckpt.parent / CONFIG_FILE)
     if manifest is not None:
         manifest.check_layout({tensor_name(p): (leaf.shape, leaf.dtype) for p, leaf in stored.items()})
     if quant is None:
