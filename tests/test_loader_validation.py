@@ -102,7 +102,7 @@ def test_nan_weight_is_refused_naming_the_checkpoint_and_tensor(ckpt: Path) -> N
     tensors = load_file(ckpt / "model.safetensors")
     tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"^ckpt: tensor layer_1/mlp/up/w \(HF model.layers.1.mlp.up_proj.weight\) holds NaN"):
+    with pytest.raises(ValueError, match=r"^ckpt: tensor layer_1/mlp/up/w \(HF model.layers.1.mlp.up_proj.weight\) holds NaN"):
         open_checkpoint(ckpt)
 
 
