@@ -102,11 +102,20 @@ def _dequantize(tensor: gguf.ReaderTensor, dtype: np.dtype) -> np.ndarray:
     `gguf.quants.dequantize` holds every row group's float32 result before joining them, twice the tensor."""
     rows = tensor.data.reshape(-1, tensor.data.shape[-1])
     width = gguf.quants.dequantize(rows[:1], tensor.tensor_type).shape[-1]
-    out = np.empty((len(rows), width), dtype)
+    out = _aligned_empty((len(rows), width), dtype)
     step = max(1, _DEQUANTIZE_BLOCK_BYTES // (width * 4))
     for start in range(0, len(rows), step):
         out[start : start + step] = gguf.quants.dequantize(rows[start : start + step], tensor.tensor_type)
     return out.reshape(*tensor.data.shape[:-1], width)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA:CPU adopts such
+    a buffer in `jax.device_put` instead of copying it (numpy's own large arrays are 16-byte aligned)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def load_gguf(
