@@ -294,7 +294,7 @@ def load(
         stored = stored_quant(path)
         config, params, tokenizer = load_orbax(path, dtype=jnp.dtype(dtype), sharding=where, verify=verify)
     else:
-        put = lambda _, x: jnp.asarray(x)  # one device: move each tensor as it is read
+        put = lambda _, x: jax.device_put(x)  # one device: each tensor as it is read (on CPU an aligned one is not copied; jnp.asarray always copies)
         if layout is not None:
             put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
         config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Cache, Transformer, init_cache
+from gemma_jax.model import CACHE_AXES, Cache, Transformer, init_cache
 from gemma_jax.sampling import Sampler, check_seed
 from sharding import Layout, activate, constrain, to_host
 
@@ -147,12 +147,18 @@ def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, 
         logits, cache = model.apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
         count = jnp.zeros(batch, jnp.int32)
         token = _sample(sampler, logits, keys, count, sampling)
-        return _replicate_flags(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
+        return _pin(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
 
 
-def _replicate_flags(state: DecodeState) -> DecodeState:
-    """done/stopped are read by every host after each call, so keep them replicated."""
-    return state._replace(done=constrain(state.done, (None,)), stopped=constrain(state.stopped, (None,)))
+def _pin(state: DecodeState) -> DecodeState:
+    """Give every field of the state one fixed layout, so that `_decode` returns the state laid out as it
+    received it and its next call reuses the compiled program (left to XLA, a data mesh came back with
+    rows split where prefill had replicated them, and the second call recompiled the whole loop).
+    done/stopped are read by every host after each call, so they stay replicated."""
+    rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    cache = {name: {k: constrain(x, CACHE_AXES[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
+    return DecodeState(cache, rows(state.token), rows(state.position), rows(state.count),
+                       constrain(state.done, (None,)), constrain(state.stopped, (None,)), rows(state.keys))  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
@@ -188,4 +194,4 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, 
         cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
         state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
-        return _replicate_flags(state), constrain(out, (None, None))  # replicated: every host reads all
+        return _pin(state), constrain(out, (None, None))  # replicated: every host reads all

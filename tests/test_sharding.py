@@ -81,3 +81,20 @@ def test_mesh_specs(spec, sizes):
 def test_bad_mesh_specs_are_named(spec):
     with pytest.raises(ValueError, match="mesh spec"):
         parse_mesh_spec(spec, 8)
+
+
+def test_streamed_decode_on_a_data_mesh_compiles_the_loop_once(hf_checkpoint):
+    """Each streamed chunk calls `_decode` with the state the previous call returned: that state must
+    come back laid out as it went in, or every call after the first recompiles the decode loop
+    (on the real 270M, --mesh data=2 decoded at 0.5 tokens/s against 3.7 for tensor=2)."""
+    from gemma_jax.generate import _decode, generate
+    from gemma_jax.sampling import Sampler
+
+    _, path = hf_checkpoint("gemma2", num_hidden_layers=1, vocab_size=97)  # shapes no other test compiles
+    model = gemma_jax.load(path, dtype="float32", mesh=make_mesh("data=2", devices=jax.devices()[:2]))
+    chunks, before = [], _decode._cache_size()
+    on_tokens = lambda new: chunks.append(new) or np.zeros(len(new), bool)
+    generate(model.config, model.params, [[2, 5, 17]], max_new_tokens=16, sampler=Sampler(), on_tokens=on_tokens,
+             chunk=4, layout=model.layout)  # fmt: skip
+    assert len(chunks) >= 3
+    assert _decode._cache_size() - before == 1

@@ -94,18 +94,42 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
                          "as GGUF requires: the file is corrupt")  # fmt: skip
     names = {spec.hf_name: name for name, spec in specs.items()}
     cast = np.dtype(np.float32 if dtype is None else dtype)
+    del reader, meta  # the parsed metadata (the vocabulary: ~0.4 GB of small arrays for Gemma 3) is not needed any more
 
     def read(spec: TensorSpec) -> np.ndarray:
         tensor = tensors[names[spec.hf_name]]
         try:
-            x = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            x = _dequantize(tensor, np.float32 if _is_norm(spec) else cast)
         except NotImplementedError as e:
             kind = tensor.tensor_type.name
             raise ValueError(f"{file}: tensor {tensor.name} has type {kind}, which gguf cannot dequantize") from e
-        x = spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
-        return x.copy() if np.may_share_memory(x, reader.data) else x  # an F32 tensor can be a view of the file
+        return spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
 
     return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto, origin=str(file))
+
+
+_DEQUANTIZE_BLOCK_BYTES = 16 << 20
+
+
+def _dequantize(tensor: gguf.ReaderTensor, dtype: np.dtype) -> np.ndarray:
+    """A tensor's values as a new array of `dtype` (never a view of the file), dequantized in blocks of rows:
+    `gguf.quants.dequantize` holds every row group's float32 result before joining them, twice the tensor."""
+    rows = tensor.data.reshape(-1, tensor.data.shape[-1])
+    width = gguf.quants.dequantize(rows[:1], tensor.tensor_type).shape[-1]
+    out = _aligned_empty((len(rows), width), dtype)
+    step = max(1, _DEQUANTIZE_BLOCK_BYTES // (width * 4))
+    for start in range(0, len(rows), step):
+        out[start : start + step] = gguf.quants.dequantize(rows[start : start + step], tensor.tensor_type)
+    return out.reshape(*tensor.data.shape[:-1], width)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary: XLA:CPU adopts such
+    a buffer in `jax.device_put` instead of copying it (numpy's own large arrays are 16-byte aligned)."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def load_gguf(
