@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,21 @@ def test_unreadable_tree_metadata_says_the_checkpoint_is_damaged(clean, tmp_path
     metadata.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=rf"^{path}/params: damaged Orbax checkpoint: Orbax reads no tree from its metadata"):
         gemma_jax.load(path)
+
+
+def test_damaged_tree_metadata_is_one_line_on_the_command_line(clean, tmp_path) -> None:
+    """A key in Orbax's tree metadata that names no stored array: Orbax logs the tensorstore spec and,
+    having closed its private event loop on the failure, its reads still in flight printed "Event loop
+    is closed" tracebacks until exit. The user sees only the one-line error."""
+    path = shutil.copytree(clean[0], tmp_path / "ckpt")
+    metadata = path / "params" / "state" / "_METADATA"
+    data = json.loads(metadata.read_text())
+    key = next(k for k in data["tree_metadata"] if "'k'" in k)
+    data["tree_metadata"][key]["key_metadata"][1]["key"] += "x"
+    metadata.write_text(json.dumps(data))
+    done = subprocess.run(["gemma-jax", "generate", "--ckpt", "ckpt", "--prompt", "hi", "--max-new-tokens", "2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "gemma-jax generate: error: ckpt/params: damaged Orbax checkpoint: Orbax reads no tree from its metadata (found NoneType)"
+    ], done.stderr

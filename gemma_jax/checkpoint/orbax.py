@@ -31,12 +31,15 @@ checkpoint's metadata first.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import operator
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -278,8 +281,10 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
     """Every array leaf of an Orbax PyTree checkpoint: key path -> shape and stored dtype (no data read)."""
     if not ckpt.is_dir():
         raise FileNotFoundError(f"Orbax checkpoint directory {ckpt} does not exist")
+    _drop_late_orbax_callbacks()
     try:
-        tree = ocp.metadata(orbax_path(ckpt)).metadata
+        with _quiet_absl():  # a damaged tree is reported below, in one line
+            tree = ocp.metadata(orbax_path(ckpt)).metadata
     except Exception as e:  # orbax signals a missing or damaged checkpoint with assorted error types
         raise ValueError(f"{ckpt}: not a readable Orbax checkpoint ({_one_line(e)})") from e
     out: dict[KeyPath, HostArray] = {}
@@ -296,6 +301,37 @@ def leaf_metadata(ckpt: Path) -> dict[KeyPath, HostArray]:
 
     walk(tree, ())
     return out
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Orbax logs (through absl) a multi-line warning with the tensorstore spec when it cannot read a
+    checkpoint's metadata, then returns None; the caller turns that into its one-line error."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _drop_late_orbax_callbacks() -> None:
+    """Orbax reads metadata on a private uvloop loop, which it closes when the read fails (a damaged
+    checkpoint); the tensorstore reads still in flight then complete into the closed loop, and each
+    prints "RuntimeError: Event loop is closed" at any later moment, up to exit, around our one-line
+    error. Installed before the read (the first can come before it returns), it drops exactly those
+    errors; every other unraisable error still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loops", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loops = True
+    sys.unraisablehook = hook
 
 
 def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
