@@ -19,6 +19,7 @@ from gemma_jax.config import GemmaConfig
 from gemma_jax.generate import bucket, generate
 from gemma_jax.model import Transformer, logical_axes, param_axes
 from gemma_jax.sampling import Sampler
+from gemma_jax.text_stream import TextWatcher, until_stop
 from gemma_jax.tokenizer import Tokenizer
 from sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
 
@@ -135,13 +136,13 @@ class Gemma:
         else:
             ids = [list(map(int, p)) for p in prompts]
             self._check_ids(ids)
-        watcher = _TextWatcher(self.tokenizer, len(ids), stop, stream) if (stop or stream) else None
+        watcher = TextWatcher(self.tokenizer, len(ids), stop, stream) if (stop or stream) else None
         result = generate(
             self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
             temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self.stop_ids(),
             dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout, quant=self.quant,
         )  # fmt: skip
-        rows = [_until_stop(self.tokenizer, t, stop) if text_mode else (None, t) for t in result.tokens]
+        rows = [until_stop(self.tokenizer, t, stop) if text_mode else (None, t) for t in result.tokens]
         if watcher is not None:
             watcher.finish([text for text, _ in rows])
         return [Completion(*row, reason, len(p)) for row, reason, p in zip(rows, result.finish_reasons, ids)]
@@ -175,68 +176,6 @@ class Gemma:
         bad = [t for r in rows for t in r if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
-
-
-class _TextWatcher:
-    """Host side of generation: decodes each row's tokens as they arrive, streams text, spots stop strings."""
-
-    def __init__(self, tokenizer: Tokenizer, rows: int, stop: Sequence[str], stream: Callable[[int, str], None] | None):
-        self.tokenizer, self.stop, self.stream = tokenizer, list(stop), stream
-        self.ids: list[list[int]] = [[] for _ in range(rows)]
-        self.sent = [0] * rows  # characters already streamed per row
-
-    def __call__(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens: [B n] new ids, -1 where a row emitted nothing. Returns rows that hit a stop string."""
-        stop = np.zeros(len(tokens), bool)
-        for row, new in enumerate(tokens):
-            new = new[new >= 0]
-            if not len(new):
-                continue
-            self.ids[row].extend(new.tolist())
-            text = self.tokenizer.decode(self.ids[row])
-            stop[row] = _stop_index(text, self.stop) < len(text)
-            self._send(row, text[: _streamable(text, self.stop)])
-        return stop
-
-    def finish(self, texts: Sequence[str]) -> None:
-        """Stream whatever each row's final text still holds back."""
-        for row, text in enumerate(texts):
-            self._send(row, text)
-
-    def _send(self, row: int, text: str) -> None:
-        if self.stream is not None and len(text) > self.sent[row]:
-            self.stream(row, text[self.sent[row] :])
-            self.sent[row] = len(text)
-
-
-def _stop_index(text: str, stop: Sequence[str]) -> int:
-    """Where the first stop string begins in `text` (len(text) if none does)."""
-    return min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-
-
-def _streamable(text: str, stop: Sequence[str]) -> int:
-    """How much of `text` is final: up to the first stop string, and short of a tail that the next
-    tokens may still turn into one (a stop string's prefix) or into a character (a partial UTF-8
-    sequence decodes as up to 3 U+FFFD; 4 or more are real)."""
-    partial = [len(text) - k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])]
-    pending = len(text) - len(text.rstrip("\ufffd"))
-    return min(_stop_index(text, stop), *partial, len(text) - pending if pending < 4 else len(text))
-
-
-def _until_stop(tokenizer: Tokenizer, tokens: list[int], stop: Sequence[str]) -> tuple[str, list[int]]:
-    """A row's text, cut before its first stop string, and the tokens that made that text.
-
-    Decoding runs on in chunks past a stop string; the tokens after it are dropped, so that the
-    tokens decode to the text (plus the stop string's start, if it begins inside a token).
-    """
-    text = tokenizer.decode(tokens)
-    end = _stop_index(text, stop)
-    if end == len(text):
-        return text, tokens
-    kept = len(tokens)
-    while kept and tokenizer.decode(tokens[: kept - 1]).startswith(text[:end]):
-        kept -= 1
-    return text[:end], tokens[:kept]
 
 
 def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any, quant: str | None) -> jax.Array:

@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from gemma_jax.api import _TextWatcher, _until_stop
+from gemma_jax.text_stream import TextWatcher, until_stop
 from gemma_jax.distributed import from_leader
 from gemma_jax.engine import Engine, Output, Request
 from gemma_jax.generate import bucket
@@ -57,7 +57,7 @@ class Job:
 
     def __init__(self, request: Request, tokenizer: Tokenizer, stop: tuple[str, ...], emit: Callable[[Event], None]):
         self.request, self.stop, self.emit = request, stop, emit
-        self.watcher = _TextWatcher(tokenizer, 1, stop, lambda _, text: emit(Event(text=text)))
+        self.watcher = TextWatcher(tokenizer, 1, stop, lambda _, text: emit(Event(text=text)))
         self.tokenizer = tokenizer
         self.tokens = 0
         self.submitted = time.perf_counter()
@@ -80,7 +80,7 @@ class Job:
 
     def finish(self, reason: str) -> None:
         self.finished = True
-        self.watcher.finish([_until_stop(self.tokenizer, self.watcher.ids[0], self.stop)[0]])
+        self.watcher.finish([until_stop(self.tokenizer, self.watcher.ids[0], self.stop)[0]])
         self.emit(Event(finish_reason=reason, completion_tokens=self.tokens))
 
     def fail(self, message: str) -> None:
