@@ -91,6 +91,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     parser.add_argument("--quant", choices=["w8a8", "w8a16"], help="quantize the weights to int8 on load")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's tensors against its checksums")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="compile every program afresh (default: reuse compiled programs from $GEMMA_JAX_CACHE/xla, "
+                             "~/.cache/gemma_jax/xla)")  # fmt: skip
 
 
 def _load_model(args: argparse.Namespace):
@@ -99,9 +102,12 @@ def _load_model(args: argparse.Namespace):
 
     from gemma_jax import distributed
     from gemma_jax.api import load
+    from gemma_jax.compile_cache import enable_compile_cache
     from sharding import make_mesh
 
     distributed.initialize(force=args.distributed)
+    if not args.no_compile_cache:
+        enable_compile_cache()
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
     return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify)

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from gemma_jax.compile_cache import cache_root
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import init_params
 from gemma_jax.tokenizer import train_sentencepiece
@@ -34,7 +35,7 @@ def tiny_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the tiny demo checkpoint, creating it (atomically) on first use."""
     from gemma_jax.checkpoint.hf import save_hf
 
-    root = Path(cache_dir or os.environ.get("GEMMA_JAX_CACHE", Path.home() / ".cache" / "gemma_jax"))
+    root = Path(cache_dir) if cache_dir else cache_root()
     target = root / "tiny-gemma2-random-v2"
     if target.is_dir():
         return target
