@@ -61,10 +61,8 @@ class Sampler:
         else:
             ids = None
         logits = logits / temperature
-        if self.use_top_p:  # keep the smallest prefix of sorted candidates whose mass reaches top_p
-            probs = jax.nn.softmax(logits, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            logits = jnp.where(mass_before < top_p, logits, -jnp.inf)
+        if self.use_top_p:
+            logits = _nucleus(logits, top_p)
         choice = jax.vmap(jax.random.categorical)(keys, logits)
         return (choice if ids is None else jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]).astype(jnp.int32)
 
@@ -86,13 +84,18 @@ class RowSampler:
             logits = jnp.take_along_axis(logits, ids, axis=-1) / _column(jnp.where(temperature > 0, temperature, 1))
             rank = jnp.arange(logits.shape[-1])
             logits = jnp.where((_column(top_k) > 0) & (rank >= _column(top_k)), -jnp.inf, logits)
-            probs = jax.nn.softmax(logits, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            logits = jnp.where((mass_before < _column(top_p)) | (_column(top_p) >= 1), logits, -jnp.inf)
+            logits = jnp.where(_column(top_p) >= 1, logits, _nucleus(logits, _column(top_p)))
             choice = jax.vmap(jax.random.categorical)(keys, logits)
             return jnp.where(temperature > 0, jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0], greedy).astype(jnp.int32)
 
         return jax.lax.cond(jnp.all(temperature <= 0), lambda _: greedy, sample, logits)
+
+
+def _nucleus(sorted_logits: Array, top_p: Array) -> Array:
+    """Keep the smallest prefix of candidates (sorted, descending) whose probability mass reaches top_p."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
 
 
 def _column(x: Array) -> Array:
