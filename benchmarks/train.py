@@ -39,7 +39,7 @@ from gemma_jax.model import init_params
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.metrics import flops_per_token, peak_flops
 from gemma_jax.train.step import StepSpec, compiled, default_compute_dtype
-from sharding import RULE_SETS, Layout, make_mesh, place
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place
 
 Row = dict[str, float]  # "best", "median" step seconds, "compile" seconds, "loss" of the first step
 

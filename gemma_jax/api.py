@@ -21,7 +21,7 @@ from gemma_jax.model import Transformer, logical_axes, param_axes
 from gemma_jax.sampling import Sampler
 from gemma_jax.text_stream import TextWatcher, until_stop
 from gemma_jax.tokenizer import Tokenizer
-from sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
+from gemma_jax.sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
 
 Message = dict[str, str]
 # A prompt is text, a token-id list, or (with chat=True) a user message or a whole conversation.

@@ -103,7 +103,7 @@ def _load_model(args: argparse.Namespace):
     from gemma_jax import distributed
     from gemma_jax.api import load
     from gemma_jax.compile_cache import enable_compile_cache
-    from sharding import make_mesh
+    from gemma_jax.sharding import make_mesh
 
     distributed.initialize(force=args.distributed)
     if not args.no_compile_cache:
@@ -310,7 +310,7 @@ def _peak_rss_mib() -> float:
 def _plan(args: argparse.Namespace) -> None:
     from gemma_jax.config import GemmaConfig
     from gemma_jax.plan import format_plan, plan
-    from sharding import parse_mesh_spec
+    from gemma_jax.sharding import parse_mesh_spec
 
     sizes = {k: int(v) for k, _, v in (part.partition("=") for part in args.mesh.split(",")) if v.lstrip("-").isdigit()}
     if any(n < 1 for n in sizes.values()):

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-import configs
+from gemma_jax import configs
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _HF_ARCHITECTURE = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}

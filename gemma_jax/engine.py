@@ -27,7 +27,7 @@ import numpy as np
 from gemma_jax.api import Gemma
 from gemma_jax.generate import DecodeState, _decode, _prefill, bucket, sampling_args
 from gemma_jax.sampling import RowSampler, Sampler
-from sharding import to_host
+from gemma_jax.sharding import to_host
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ import numpy as np
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, Cache, Transformer, init_cache
 from gemma_jax.sampling import Sampler, check_seed
-from sharding import Layout, activate, constrain, to_host
+from gemma_jax.sharding import Layout, activate, constrain, to_host
 
 # New tokens [B, n] (-1 where a row emitted nothing) -> rows to stop [B] bool.
 TokenCallback = Callable[[np.ndarray], np.ndarray]

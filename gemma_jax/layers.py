@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_jax.kernels import int8_einsum, projection_dims
-from sharding import mesh_layout
+from gemma_jax.sharding import mesh_layout
 
 Array = jax.Array
 

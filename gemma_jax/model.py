@@ -32,7 +32,7 @@ from flax.traverse_util import flatten_dict
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
-from sharding import constrain
+from gemma_jax.sharding import constrain
 
 Array = jax.Array
 LayerCache = dict[str, Array]  # {"k": [B K S H], "v": [B K H S], "pos": [B S] int32}

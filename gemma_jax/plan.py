@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh
 
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, init_params, param_axes
-from sharding import AXES, RULE_SETS, Layout
+from gemma_jax.sharding import AXES, RULE_SETS, Layout
 
 GiB = 2**30
 GATHERED_AXES = ("data", "fsdp")  # weights split over these are gathered before use

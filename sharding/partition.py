@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding.rules import Rules
+from gemma_jax.sharding.rules import Rules
 
 LogicalAxes = Sequence[str | None]
 

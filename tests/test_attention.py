@@ -12,7 +12,7 @@ import pytest
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, use_attention
 from gemma_jax.model import Transformer, init_params, param_axes
-from sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
+from gemma_jax.sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
 
 CONFIG = GemmaConfig(
     model_type="gemma2", vocab_size=128, embed_dim=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=32,

@@ -23,7 +23,7 @@ from gemma_jax.checkpoint.hf import locate_tensors, read_tensor
 from gemma_jax.checkpoint.orbax import load_orbax, read_orbax_config, save_orbax
 from gemma_jax.convert import add_arguments, convert, detect_format, run
 from gemma_jax.model import logical_axes
-from sharding import RULE_SETS, Layout, make_mesh
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh
 
 SHARD = 30_000  # bytes: several safetensors shards even for these tiny models
 

@@ -19,7 +19,7 @@ import transformers
 from conftest import make_hf_model, tiny_tokenizer_model
 from test_convert import assert_same_bits, hf_tensors
 
-import configs
+from gemma_jax import configs
 from gemma_jax.checkpoint.gemma_lib import match_preset
 from gemma_jax.config import GemmaConfig
 from gemma_jax.convert import convert, detect_format

@@ -188,7 +188,7 @@ def test_quantized_model_lowers_for_tpu(preset, scheme):
 def test_sharded_quantized_model_lowers_for_tpu(scheme):
     """On a (data=2, tensor=4) mesh the int8 model still lowers to Mosaic kernels, one per projection, run per
     shard: partial sums meet in all-reduces and no weight is all-gathered."""
-    from sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
+    from gemma_jax.sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
 
     config = GemmaConfig.from_preset("gemma2-9b").replace(num_layers=2)
     layout = Layout(make_mesh("data=2,tensor=4"), INFERENCE)
@@ -246,7 +246,7 @@ def test_platform_defaults():
 
 def test_split_follows_the_layout():
     """Which mesh axes split rows, contraction and output; None where shard_map cannot express the layout."""
-    from sharding import INFERENCE, TRAINING, Layout, activate, make_mesh
+    from gemma_jax.sharding import INFERENCE, TRAINING, Layout, activate, make_mesh
 
     assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4) is None  # no layout
     with activate(Layout(make_mesh("data=2,tensor=4"), INFERENCE)):

@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-import configs
+from gemma_jax import configs
 import gguf
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import gemma_jax
 from gemma_jax.config import GemmaConfig
 from gemma_jax.model import CACHE_AXES, init_cache
 from gemma_jax.plan import CHIPS, format_plan, plan
-from sharding import INFERENCE, Layout, make_mesh, parse_mesh_spec, tree_shardings
+from gemma_jax.sharding import INFERENCE, Layout, make_mesh, parse_mesh_spec, tree_shardings
 
 MESHES = ["tensor=8", "fsdp=2,tensor=4", "data=2,fsdp=2,tensor=2"]
 HEADS = {"heads-divide": dict(num_attention_heads=8, num_key_value_heads=8, head_dim=8, vocab_size=128),

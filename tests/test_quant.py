@@ -18,7 +18,7 @@ from gemma_jax.model import Transformer, init_cache, init_params, param_axes
 from gemma_jax.quant import input_absmax, quantize_params, quantize_weight, smooth
 from gemma_jax.tiny import tiny_config
 from gemma_jax.kernels import use_backend
-from sharding import INFERENCE, TRAINING, Layout, activate, make_mesh, tree_shardings
+from gemma_jax.sharding import INFERENCE, TRAINING, Layout, activate, make_mesh, tree_shardings
 
 SCHEMES = ("w8a16", "w8a8")
 

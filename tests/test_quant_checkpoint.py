@@ -16,7 +16,7 @@ import gemma_jax
 from gemma_jax.checkpoint.hf import read_hf_config
 from gemma_jax.convert import convert
 from gemma_jax.quant import quantize_checkpoint, quantize_params
-from sharding import make_mesh
+from gemma_jax.sharding import make_mesh
 from conftest import make_hf_model
 
 TEXT = "/usr/share/common-licenses/GPL-3"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gemma_jax
-from sharding import make_mesh
+from gemma_jax.sharding import make_mesh
 
 
 # This test model has outsized activations (post-norm scales ~10), the hard case for per-token

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import gemma_jax
-from sharding import INFERENCE, Layout, make_mesh, parse_mesh_spec
+from gemma_jax.sharding import INFERENCE, RULE_SETS, Layout, make_mesh, parse_mesh_spec
 
 MESHES = ["data=8", "fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"]
 
@@ -61,7 +61,7 @@ def test_no_device_holds_the_whole_model(checkpoint):
 
 def test_training_rules_split_the_embed_dimension_over_fsdp():
     mesh = make_mesh("fsdp=4,tensor=2")
-    train, infer = Layout(mesh, dict(__import__("sharding").RULE_SETS)["training"]), Layout(mesh, INFERENCE)
+    train, infer = Layout(mesh, dict(RULE_SETS)["training"]), Layout(mesh, INFERENCE)
     assert tuple(train.spec(("embed", "mlp"), (32, 64))) == ("fsdp", "tensor")
     assert tuple(infer.spec(("embed", "mlp"), (32, 64))) == (None, "tensor")
     assert tuple(infer.spec(("act_batch", "act_length", "act_embed"), (8, 5, 32))) == ("fsdp", None, None)

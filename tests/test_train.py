@@ -32,7 +32,7 @@ from gemma_jax.train.data import Batches, load_rows
 from gemma_jax.train.metrics import read_metrics
 from gemma_jax.train.run import finetune
 from gemma_jax.train.step import StepSpec, compiled
-from sharding import RULE_SETS, Layout, make_mesh, place
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",

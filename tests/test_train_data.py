@@ -17,7 +17,7 @@ from gemma_jax.train.cli import add_arguments
 from gemma_jax.train.config import TrainConfig, load_train_config, parse_overrides, schedule_change
 from gemma_jax.train.data import Batches, Example, eval_batches, encode_record, pack, read_examples
 from gemma_jax.train.step import StepSpec, loss_sums
-from sharding import RULE_SETS, Layout, make_mesh
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh
 
 
 @pytest.fixture(scope="module")

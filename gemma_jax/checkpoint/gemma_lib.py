@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-import configs
+from gemma_jax import configs
 from gemma_jax.checkpoint.hf import TOKENIZER_FILE, Put, Shape, TensorSource, check_tree, collect, read_tokenizer
 from gemma_jax.checkpoint.names import ParamPath, TensorSpec, tensor_specs
 from gemma_jax.checkpoint.orbax import HostArray, KeyPath, leaf_metadata, read_leaf

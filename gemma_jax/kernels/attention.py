@@ -31,7 +31,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
-from sharding import mesh_layout
+from gemma_jax.sharding import mesh_layout
 
 Array = jax.Array
 IMPLEMENTATIONS = ("xla", "splash")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from gemma_jax.kernels import gpu, reference, tpu
-from sharding import mesh_layout
+from gemma_jax.sharding import mesh_layout
 
 Array = jax.Array
 BACKENDS = ("xla", "tpu", "gpu")

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-import configs
+from gemma_jax import configs
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # every projection ("all-linear" LoRA)
 EXPORT_FORMATS = ("hf", "orbax")  # those of `gemma-jax convert` that hold a merged model

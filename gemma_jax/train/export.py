@@ -18,7 +18,7 @@ from gemma_jax import distributed
 from gemma_jax.checkpoint.hf import params_source, write_hf
 from gemma_jax.config import GemmaConfig
 from gemma_jax.tokenizer import Tokenizer
-from sharding import Layout, to_host
+from gemma_jax.sharding import Layout, to_host
 
 
 def export(

@@ -40,7 +40,7 @@ from gemma_jax.train.export import export
 from gemma_jax.train.memory import check_fits, device_memory, estimate_memory
 from gemma_jax.train.metrics import MetricsLog, flops_per_token, peak_flops
 from gemma_jax.train.step import Compiled, StepSpec, compiled
-from sharding import RULE_SETS, Layout, make_mesh, place, to_host
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place, to_host
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from gemma_jax.model import Transformer, init_params, param_axes
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.data import ROW_FIELDS
-from sharding import Layout, activate, constrain, tree_shardings
+from gemma_jax.sharding import Layout, activate, constrain, tree_shardings
 
 State = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
 Metrics = dict[str, jax.Array]
