@@ -86,6 +86,7 @@ class Embedder(nn.Module):
     embed_dim: int
     param_dtype: jnp.dtype = jnp.float32
     quant: str | None = None  # int8 rows with per-row scales (see the module docstring)
+    input_scale: float | None = None  # multiplies rows on the way in; None: sqrt(embed_dim)
     AXES = ("vocab", "embed")  # logical axes of the table (a constant, not a module field)
 
     def setup(self) -> None:
@@ -100,8 +101,8 @@ class Embedder(nn.Module):
         self.embedding = self.param("embedding", init, shape, self.param_dtype)
 
     def encode(self, tokens: Array, dtype: jnp.dtype) -> Array:
-        """[B T] ids -> [B T D]. sqrt(D) is rounded to the parameter dtype first, as in training."""
-        scale = jnp.asarray(self.embed_dim**0.5, self.param_dtype).astype(dtype)
+        """[B T] ids -> [B T D]. sqrt(D) (or `input_scale`) is rounded to the parameter dtype first, as in training."""
+        scale = jnp.asarray(self.embed_dim**0.5 if self.input_scale is None else self.input_scale, self.param_dtype).astype(dtype)
         rows = jnp.take(self.embedding, tokens, axis=0)
         if self.embedding.dtype == jnp.int8:  # dequantize the gathered rows only
             rows = rows.astype(jnp.float32) * jnp.take(self.scale, tokens, axis=0)[..., None]
@@ -122,6 +123,12 @@ def _scheme(quant: str | None) -> str:
     return quant or "w8a16"
 
 
+def rms_normalize(x: Array, eps: float) -> Array:
+    """x / rms(x) over the last axis, in float32 (callers scale it and cast back)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + scale), in float32 then cast back (the stored scale is zero-centred)."""
 
@@ -131,9 +138,20 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), x.shape[-1:], self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class PlainRMSNorm(nn.Module):
+    """x / rms(x) * scale, in float32 then cast back: the stored scale multiplies as is (ones at init),
+    as in Gemma 3n, whose checkpoints hold the full scale rather than Gemma 1-3's offset from one."""
+
+    eps: float = 1e-6
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), x.shape[-1:], self.param_dtype)
+        return (rms_normalize(x, self.eps) * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x: Array, positions: Array, base: float, scale: float = 1.0) -> Array:

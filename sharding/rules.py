@@ -23,6 +23,11 @@ _MODEL_PARALLEL: Rules = (
     ("act_vocab", ("tensor",)),
     ("cache_batch", _BATCH),
     ("cache_kv_heads", ("tensor",)),
+    # Gemma 3n's small dims stay whole on every device: AltUp streams, the per-layer-input
+    # width (all layers' together, and one layer's), the LAuReL rank.
+    ("altup", ()),
+    ("per_layer", ()),
+    ("laurel", ()),
 )
 
 # Inference: heads and MLP split over `tensor`; `fsdp` acts as extra data parallelism, so

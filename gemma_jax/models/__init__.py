@@ -1,0 +1,1 @@
+"""Model families: one folder per architecture (config, Flax module, parameter schema)."""

@@ -1,0 +1,274 @@
+"""Gemma 3n (text) against `transformers`' Gemma3nForCausalLM: float32 logits on several tiny configs
+(AltUp streams, KV sharing, activation sparsity, sliding windows far shorter than the sequence),
+padded batches, prefill + decode, greedy generation; the parameter schema against the module; the config."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import linen as nn
+from flax.traverse_util import flatten_dict
+
+from gemma_jax import generate as gen
+from gemma_jax.config import ConfigError
+from gemma_jax.models import gemma3n
+from gemma_jax.models.gemma3n import Gemma3nConfig, Transformer, init_cache, params_from_hf, params_to_hf
+from gemma_jax.models.gemma3n.schema import SCHEMA, entries
+from gemma_jax.sampling import Sampler
+
+LOCAL, GLOBAL = "sliding_attention", "full_attention"
+# Tiny configs (transformers' key names). Windows of 3-5 against sequences of 16-40 tokens.
+CASES = {
+    # 2 streams, no KV sharing, dense, every fifth layer global as in the real models
+    "altup2-dense": dict(altup_num_inputs=2, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 5,
+                         num_hidden_layers=5, sliding_window=4, intermediate_size=[64, 48, 64, 40, 56]),
+    # 4 streams, the last 2 of 5 layers share KV (one local, one global), sparse first 2 layers
+    "altup4-share2-sparse": dict(altup_num_inputs=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.6, 0, 0, 0],
+                                 num_hidden_layers=5, sliding_window=3, layer_types=[LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
+    # 3 streams, active stream 1, no output scale, no final soft-cap, ids past the per-layer table,
+    # the last 3 of 6 layers share (two of them reading one local source)
+    "altup3-share3-active1": dict(altup_num_inputs=3, altup_active_idx=1, altup_correct_scale=False, num_kv_shared_layers=3,
+                                  activation_sparsity_pattern=[0.8, 0, 0, 0, 0, 0], num_hidden_layers=6, sliding_window=5,
+                                  final_logit_softcapping=None, vocab_size_per_layer_input=60,
+                                  layer_types=[LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
+}  # fmt: skip
+SEQ = 16  # >= 3 x every window above
+
+
+def make_hf_model(seed: int = 0, **overrides) -> transformers.Gemma3nForCausalLM:
+    """A random tiny Gemma3nForCausalLM (eager attention, float32). Every weight is random — norms
+    around 1, AltUp's output scale (zeros at init) included — so every mapping is exercised."""
+    base = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, max_position_embeddings=256, vocab_size_per_layer_input=101, hidden_size_per_layer_input=8,
+                laurel_rank=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
+    config = transformers.Gemma3nTextConfig(**{**base, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3nForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.25 * torch.randn_like(p))
+    return model
+
+
+def ours(model: transformers.Gemma3nForCausalLM) -> tuple[Gemma3nConfig, dict]:
+    """Our config (from the model's config.json dict) and params (through the schema)."""
+    config = Gemma3nConfig.from_hf(json.loads(model.config.to_json_string()))
+    return config, params_from_hf(config, {k: v.numpy() for k, v in model.state_dict().items()})
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    model = make_hf_model(**CASES[request.param])
+    return request.param, model, *ours(model)
+
+
+def _padded_batch(vocab: int, seq: int = SEQ):
+    """Three rows: full, left-padded by 5, right-padded by 4 (with per-row positions)."""
+    tokens = np.random.RandomState(0).randint(3, vocab, (3, seq))
+    mask = np.ones((3, seq), bool)
+    mask[1, :5] = False
+    mask[2, seq - 4 :] = False
+    return tokens, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+def _forward(config, params):
+    model = Transformer(config)
+    return jax.jit(lambda *a, fresh=False: model.apply({"params": params}, *a, fresh_cache=fresh), static_argnames="fresh")
+
+
+def _close(got, want, what: str, tol: float = 1e-4) -> float:
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    assert err <= tol, f"{what}: max |Δlogit| / max |logit| = {err:.2e}"
+    return err
+
+
+def test_logits_match_transformers_on_padded_batches(case):
+    name, model, config, params = case
+    tokens, mask, positions = _padded_batch(config.vocab_size)
+    tokens[0, 3] = config.vocab_size - 1  # past the per-layer table in "altup3-share3-active1"
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+                    position_ids=torch.tensor(positions)).logits.numpy()  # fmt: skip
+    logits, cache = _forward(config, params)(tokens, positions, mask.astype(np.int32))
+    assert cache is None
+    _close(np.asarray(logits)[mask], ref[mask], name)
+    for row in range(3):  # each padded row equals the row alone, unpadded
+        with torch.no_grad():
+            alone = model(torch.tensor(tokens[row][mask[row]][None])).logits.numpy()[0]
+        _close(np.asarray(logits)[row][mask[row]], alone, f"{name} row {row}")
+
+
+def test_sequence_far_past_the_window_and_the_features_are_exercised(case):
+    """40 tokens (8+ windows); the sparse gate really zeroes most activations; shared layers read other layers' KV."""
+    name, model, config, params = case
+    tokens = np.random.RandomState(1).randint(3, config.vocab_size, (1, 40))
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    logits, _ = _forward(config, params)(tokens, np.arange(40)[None], np.ones_like(tokens))
+    _close(np.asarray(logits), ref, name)
+    assert any(config.kv_source(i) != i for i in range(config.num_layers)) == (config.num_kv_shared_layers > 0)
+
+
+def test_gaussian_top_k_keeps_the_expected_share():
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 4096)) * 3.0 + 1.0
+    kept = float(jnp.mean(gemma3n.model.gaussian_top_k(x, 0.95) > 0))
+    assert 0.04 < kept < 0.06
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_prefill_then_decode_reproduces_full_forward(case, fresh):
+    """Prefill 7 tokens (past every window; fresh: the empty-cache path, else cache + chunk), then
+    decode one at a time to 40 on a left-padded batch: every step equals the full forward."""
+    name, _, config, params = case
+    seq, prompt = 40, 7
+    tokens, mask, positions = _padded_batch(config.vocab_size, seq)
+    tokens, mask, positions, segments = tokens[:2], mask[:2], positions[:2], mask[:2].astype(np.int32)
+    forward = _forward(config, params)
+    full = np.asarray(forward(tokens, positions, segments)[0])
+    cache = init_cache(config, 2, seq)
+    assert set(cache) == {f"layer_{i}" for i in range(config.num_layers) if config.kv_source(i) == i}
+    logits, cache = forward(tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache, fresh=fresh)
+    steps = [np.asarray(logits)]
+    for t in range(prompt, seq):
+        logits, cache = forward(tokens[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache)
+        steps.append(np.asarray(logits))
+    _close(np.concatenate(steps, axis=1)[mask], full[mask], name, tol=1e-5)
+
+
+def test_logits_index_picks_one_position(case):
+    _, _, config, params = case
+    tokens, mask, positions = _padded_batch(config.vocab_size)
+    forward = _forward(config, params)
+    full = np.asarray(forward(tokens, positions, mask.astype(np.int32))[0])
+    last = np.array([SEQ - 1, SEQ - 1, SEQ - 5])
+    picked = np.asarray(forward(tokens, positions, mask.astype(np.int32), None, last)[0])
+    np.testing.assert_allclose(picked, full[np.arange(3), last], rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_generation_matches_transformers_through_generate_py(case, monkeypatch):
+    """`gemma_jax.generate` runs this family unchanged once its two model names point here (the
+    family registry's job): prompts of different lengths in one batch, 3+ windows of new tokens."""
+    name, model, config, params = case
+    monkeypatch.setattr(gen, "Transformer", Transformer)
+    monkeypatch.setattr(gen, "init_cache", init_cache)
+    prompts, new = [[2, 17, 33, 5, 71, 9, 42, 11, 60], [2, 40, 41]], 18
+    got = gen.generate(config, params, prompts, max_new_tokens=new, sampler=Sampler(), stop_ids=(config.eos_id,)).tokens
+    for prompt, tokens in zip(prompts, got):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, eos_token_id=1, pad_token_id=0)
+        want = out[0, len(prompt) :].tolist()
+        assert tokens == (want[: want.index(1)] if 1 in want else want), name
+    assert len(got[0]) >= 3 * config.sliding_window and len(set(got[0])) > 3, got  # long, not one repeated token
+
+
+# --- the parameter schema ----------------------------------------------------------------------
+
+
+def _module_params(config: Gemma3nConfig, quant: str | None = None) -> dict:
+    """{path: (shape, dtype, logical axes)} of the module's init (abstract: nothing is allocated)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: Transformer(config, quant=quant).init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1)["params"])
+    axes = nn.get_partition_spec(boxed)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    leaves = flatten_dict(nn.meta.unbox(boxed), sep="/")
+    return {p: (leaf.shape, leaf.dtype, tuple(flatten_dict(axes, sep="/", is_leaf=lambda _, x: is_spec(x))[p])) for p, leaf in leaves.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES) + ["e2b-sized"])
+def test_module_init_creates_exactly_the_schema(name):
+    if name == "e2b-sized":
+        config = Gemma3nConfig.from_preset("gemma3n-e2b")
+    else:
+        config = Gemma3nConfig.from_hf(make_hf_model(**CASES[name]).config.to_dict())
+    created = _module_params(config)
+    declared = {e.path: (e.shape, e.row.axes) for e in entries(config)}
+    assert set(created) == set(declared)
+    for path, (shape, axes) in declared.items():
+        assert created[path][0] == shape and created[path][2] == axes, path
+    quantized = _module_params(config, "w8a8")  # int8 exactly where the schema says, with output-axes scales
+    for e in entries(config):
+        int8 = e.row.int8_in is not None
+        assert (quantized[e.path][1] == jnp.int8) == int8, e.path
+        scale = e.path.rsplit("/", 1)[0] + "/scale"
+        if int8:
+            assert quantized[scale][0] == e.shape[: len(e.shape) - e.row.int8_in], scale
+            assert quantized[scale][2] == e.row.axes[: len(e.shape) - e.row.int8_in], scale
+
+
+def test_schema_names_every_hf_tensor_and_round_trips(case):
+    name, model, config, params = case
+    tensors = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
+    back = params_to_hf(config, params)
+    assert set(back) == set(tensors), name
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(back[k], v)
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape"):
+        params_from_hf(config, {**tensors, "model.layers.0.mlp.gate_proj.weight": np.zeros((3, 3), np.float32)})
+    with pytest.raises(KeyError, match=r"tensor model.norm.weight is missing"):
+        params_from_hf(config, {k: v for k, v in tensors.items() if k != "model.norm.weight"})
+
+
+def test_schema_gguf_names_are_llama_cpp_names():
+    gguf = pytest.importorskip("gguf")
+    config = Gemma3nConfig.from_preset("gemma3n-e2b")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, config.num_layers)
+    for e in entries(config):
+        want = names.get_name(e.hf.removesuffix(".weight"))
+        assert e.gguf == (None if e.row.path.startswith("altup_") else want), e.hf  # GGUF stacks the AltUp projections
+    assert {row.path.split("/")[-1] for row in SCHEMA if row.norm} == {"scale"}
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+
+def test_kv_sharing_reads_the_layer_transformers_stores():
+    hf = transformers.Gemma3nTextConfig(intermediate_size=8192, num_hidden_layers=30, num_kv_shared_layers=10,
+                                        activation_sparsity_pattern=[0.95] * 10 + [0.0] * 20)  # fmt: skip
+    config = Gemma3nConfig.from_hf(hf.to_dict())
+    assert config == Gemma3nConfig.from_preset("gemma3n-e2b")  # transformers' E2B variant (its converter's)
+    stores = {hf.layer_types[i]: i for i, mode in enumerate(hf.kv_sharing_modes) if mode == "store"}
+    for i, mode in enumerate(hf.kv_sharing_modes):
+        assert config.kv_source(i) == (stores[hf.layer_types[i]] if mode == "reuse" else i)
+    assert Gemma3nConfig.from_hf(transformers.Gemma3nTextConfig().to_dict()) == Gemma3nConfig.from_preset("gemma3n-e4b")
+
+
+@pytest.mark.parametrize("preset", ["gemma3n-e2b", "gemma3n-e4b"])
+def test_presets_round_trip_through_config_json_that_transformers_loads(preset):
+    config = Gemma3nConfig.from_preset(preset)
+    hf = json.loads(json.dumps(config.to_hf()))
+    assert Gemma3nConfig.from_hf(hf) == config
+    loaded = transformers.AutoConfig.for_model(**hf)
+    assert isinstance(loaded, transformers.Gemma3nTextConfig)
+    assert Gemma3nConfig.from_hf(loaded.to_dict()) == config
+    multimodal = {"model_type": "gemma3n", "text_config": {k: v for k, v in hf.items() if k != "model_type"}, "vision_config": {}}
+    assert Gemma3nConfig.from_hf(multimodal) == config
+    assert hash(config) == hash(Gemma3nConfig.from_hf(hf))  # hashable: a static jit argument
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(intermediate_size=[64, 64]), "intermediate_size"),
+        (dict(activation_sparsity_pattern=[1.0, 0, 0, 0, 0]), "activation_sparsity_pattern"),
+        (dict(num_kv_shared_layers=5), "num_kv_shared_layers"),
+        (dict(num_kv_shared_layers=1, layer_types=[LOCAL] * 4 + [GLOBAL]), "num_kv_shared_layers"),  # no earlier global
+        (dict(altup_num_inputs=0), "altup_num_inputs"),
+        (dict(altup_active_idx=4), "altup_active_idx"),
+        (dict(hidden_size_per_layer_input="8"), "hidden_size_per_layer_input"),
+        (dict(rope_parameters={"full_attention": {"rope_type": "yarn"}}), "rope_parameters.full_attention"),
+        (dict(hidden_activation="relu"), "hidden_activation"),
+        (dict(model_type="gemma3"), "model_type"),
+        (dict(model_type="gemma3n", text_config=[]), "text_config"),
+    ],
+)
+def test_bad_config_json_names_the_key(change, key):
+    hf = {**Gemma3nConfig.from_hf(make_hf_model(**CASES["altup2-dense"]).config.to_dict()).to_hf(), **change}
+    with pytest.raises(ConfigError) as err:
+        Gemma3nConfig.from_hf(hf)
+    assert err.value.field == key, str(err.value)
