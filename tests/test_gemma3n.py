@@ -29,13 +29,13 @@ CASES = {
     "altup2-dense": dict(altup_num_inputs=2, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 5,
                          num_hidden_layers=5, sliding_window=4, intermediate_size=[64, 48, 64, 40, 56]),
     # 4 streams, the last 2 of 5 layers share KV (one local, one global), sparse first 2 layers
-    "altup4-share2-sparse": dict(altup_num_inputs=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.6, 0, 0, 0],
+    "altup4-share2-sparse": dict(altup_num_inputs=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.6, 0.0, 0.0, 0.0],
                                  num_hidden_layers=5, sliding_window=3, layer_types=[LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
-    # 3 streams, active stream 1, no output scale, no final soft-cap, ids past the per-layer table,
+    # 3 streams, active stream 1, no output scale, soft-cap 10, ids past the per-layer table,
     # the last 3 of 6 layers share (two of them reading one local source)
     "altup3-share3-active1": dict(altup_num_inputs=3, altup_active_idx=1, altup_correct_scale=False, num_kv_shared_layers=3,
-                                  activation_sparsity_pattern=[0.8, 0, 0, 0, 0, 0], num_hidden_layers=6, sliding_window=5,
-                                  final_logit_softcapping=None, vocab_size_per_layer_input=60,
+                                  activation_sparsity_pattern=[0.8] + [0.0] * 5, num_hidden_layers=6, sliding_window=5,
+                                  final_logit_softcapping=10.0, vocab_size_per_layer_input=60,
                                   layer_types=[LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
 }  # fmt: skip
 SEQ = 16  # >= 3 x every window above
@@ -43,7 +43,8 @@ SEQ = 16  # >= 3 x every window above
 
 def make_hf_model(seed: int = 0, **overrides) -> transformers.Gemma3nForCausalLM:
     """A random tiny Gemma3nForCausalLM (eager attention, float32). Every weight is random — norms
-    around 1, AltUp's output scale (zeros at init) included — so every mapping is exercised."""
+    around 1, AltUp's output scale (zeros at init) included — so every mapping is exercised. Post-norms
+    around 3 let the layers outweigh the tied embedding, so greedy text does not repeat one token."""
     base = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=16, max_position_embeddings=256, vocab_size_per_layer_input=101, hidden_size_per_layer_input=8,
                 laurel_rank=4, pad_token_id=0, eos_token_id=1, bos_token_id=2)  # fmt: skip
@@ -53,7 +54,7 @@ def make_hf_model(seed: int = 0, **overrides) -> transformers.Gemma3nForCausalLM
     model = transformers.Gemma3nForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name else 0.25 * torch.randn_like(p))
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) * (3.0 if "post_" in name else 1.0) if "norm" in name else 0.25 * torch.randn_like(p))
     return model
 
 
@@ -105,51 +106,34 @@ def test_logits_match_transformers_on_padded_batches(case):
         _close(np.asarray(logits)[row][mask[row]], alone, f"{name} row {row}")
 
 
-def test_sequence_far_past_the_window_and_the_features_are_exercised(case):
-    """40 tokens (8+ windows); the sparse gate really zeroes most activations; shared layers read other layers' KV."""
-    name, model, config, params = case
-    tokens = np.random.RandomState(1).randint(3, config.vocab_size, (1, 40))
-    with torch.no_grad():
-        ref = model(torch.tensor(tokens)).logits.numpy()
-    logits, _ = _forward(config, params)(tokens, np.arange(40)[None], np.ones_like(tokens))
-    _close(np.asarray(logits), ref, name)
-    assert any(config.kv_source(i) != i for i in range(config.num_layers)) == (config.num_kv_shared_layers > 0)
-
-
 def test_gaussian_top_k_keeps_the_expected_share():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 4096)) * 3.0 + 1.0
     kept = float(jnp.mean(gemma3n.model.gaussian_top_k(x, 0.95) > 0))
     assert 0.04 < kept < 0.06
 
 
-@pytest.mark.parametrize("fresh", [True, False])
-def test_prefill_then_decode_reproduces_full_forward(case, fresh):
-    """Prefill 7 tokens (past every window; fresh: the empty-cache path, else cache + chunk), then
-    decode one at a time to 40 on a left-padded batch: every step equals the full forward."""
+def test_prefill_chunk_then_decode_reproduce_full_forward(case):
+    """Prefill 7 tokens into an empty cache, add a chunk of 4 (cache + chunk), then decode one token at a
+    time to 40 (8+ windows) on a left-padded batch: every step equals the full forward, KV-sharing layers
+    included (in the prefill they read their source's whole chunk, not its window-sized ring)."""
     name, _, config, params = case
-    seq, prompt = 40, 7
+    seq, prompt, chunk = 40, 7, 4
     tokens, mask, positions = _padded_batch(config.vocab_size, seq)
     tokens, mask, positions, segments = tokens[:2], mask[:2], positions[:2], mask[:2].astype(np.int32)
     forward = _forward(config, params)
     full = np.asarray(forward(tokens, positions, segments)[0])
     cache = init_cache(config, 2, seq)
     assert set(cache) == {f"layer_{i}" for i in range(config.num_layers) if config.kv_source(i) == i}
-    logits, cache = forward(tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache, fresh=fresh)
+    assert (len(cache) < config.num_layers) == (config.num_kv_shared_layers > 0)
+    logits, cache = forward(tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache, fresh=True)
     steps = [np.asarray(logits)]
-    for t in range(prompt, seq):
+    cut = slice(prompt, prompt + chunk)
+    logits, cache = forward(tokens[:, cut], positions[:, cut], segments[:, cut], cache)
+    steps.append(np.asarray(logits))
+    for t in range(prompt + chunk, seq):
         logits, cache = forward(tokens[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache)
         steps.append(np.asarray(logits))
-    _close(np.concatenate(steps, axis=1)[mask], full[mask], name, tol=1e-5)
-
-
-def test_logits_index_picks_one_position(case):
-    _, _, config, params = case
-    tokens, mask, positions = _padded_batch(config.vocab_size)
-    forward = _forward(config, params)
-    full = np.asarray(forward(tokens, positions, mask.astype(np.int32))[0])
-    last = np.array([SEQ - 1, SEQ - 1, SEQ - 5])
-    picked = np.asarray(forward(tokens, positions, mask.astype(np.int32), None, last)[0])
-    np.testing.assert_allclose(picked, full[np.arange(3), last], rtol=1e-6, atol=1e-6)
+    _close(np.concatenate(steps, axis=1)[mask], full[mask], name)
 
 
 def test_greedy_generation_matches_transformers_through_generate_py(case, monkeypatch):
@@ -180,12 +164,9 @@ def _module_params(config: Gemma3nConfig, quant: str | None = None) -> dict:
     return {p: (leaf.shape, leaf.dtype, tuple(flatten_dict(axes, sep="/", is_leaf=lambda _, x: is_spec(x))[p])) for p, leaf in leaves.items()}
 
 
-@pytest.mark.parametrize("name", list(CASES) + ["e2b-sized"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_module_init_creates_exactly_the_schema(name):
-    if name == "e2b-sized":
-        config = Gemma3nConfig.from_preset("gemma3n-e2b")
-    else:
-        config = Gemma3nConfig.from_hf(make_hf_model(**CASES[name]).config.to_dict())
+    config = Gemma3nConfig.from_hf(make_hf_model(**CASES[name]).config.to_dict())
     created = _module_params(config)
     declared = {e.path: (e.shape, e.row.axes) for e in entries(config)}
     assert set(created) == set(declared)
@@ -255,7 +236,7 @@ def test_presets_round_trip_through_config_json_that_transformers_loads(preset):
     "change, key",
     [
         (dict(intermediate_size=[64, 64]), "intermediate_size"),
-        (dict(activation_sparsity_pattern=[1.0, 0, 0, 0, 0]), "activation_sparsity_pattern"),
+        (dict(activation_sparsity_pattern=[1.0] + [0.0] * 4), "activation_sparsity_pattern"),
         (dict(num_kv_shared_layers=5), "num_kv_shared_layers"),
         (dict(num_kv_shared_layers=1, layer_types=[LOCAL] * 4 + [GLOBAL]), "num_kv_shared_layers"),  # no earlier global
         (dict(altup_num_inputs=0), "altup_num_inputs"),
