@@ -66,8 +66,12 @@ def ours(model: transformers.Gemma3nForCausalLM) -> tuple[Gemma3nConfig, dict]:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request):
+    """(name, transformers model, our config, our params, our jitted forward: one compilation per shape)."""
     model = make_hf_model(**CASES[request.param])
-    return request.param, model, *ours(model)
+    config, params = ours(model)
+    forward = Transformer(config)
+    apply = jax.jit(lambda *a, fresh=False: forward.apply({"params": params}, *a, fresh_cache=fresh), static_argnames="fresh")
+    return request.param, model, config, params, apply
 
 
 def _padded_batch(vocab: int, seq: int = SEQ):
@@ -79,11 +83,6 @@ def _padded_batch(vocab: int, seq: int = SEQ):
     return tokens, mask, np.maximum(np.cumsum(mask, axis=1) - 1, 0)
 
 
-def _forward(config, params):
-    model = Transformer(config)
-    return jax.jit(lambda *a, fresh=False: model.apply({"params": params}, *a, fresh_cache=fresh), static_argnames="fresh")
-
-
 def _close(got, want, what: str, tol: float = 1e-4) -> float:
     err = float(np.abs(got - want).max() / np.abs(want).max())
     assert err <= tol, f"{what}: max |Δlogit| / max |logit| = {err:.2e}"
@@ -91,13 +90,13 @@ def _close(got, want, what: str, tol: float = 1e-4) -> float:
 
 
 def test_logits_match_transformers_on_padded_batches(case):
-    name, model, config, params = case
+    name, model, config, _, forward = case
     tokens, mask, positions = _padded_batch(config.vocab_size)
     tokens[0, 3] = config.vocab_size - 1  # past the per-layer table in "altup3-share3-active1"
     with torch.no_grad():
         ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
                     position_ids=torch.tensor(positions)).logits.numpy()  # fmt: skip
-    logits, cache = _forward(config, params)(tokens, positions, mask.astype(np.int32))
+    logits, cache = forward(tokens, positions, mask.astype(np.int32))
     assert cache is None
     _close(np.asarray(logits)[mask], ref[mask], name)
     for row in range(3):  # each padded row equals the row alone, unpadded
@@ -113,16 +112,15 @@ def test_gaussian_top_k_keeps_the_expected_share():
 
 
 def test_prefill_chunk_then_decode_reproduce_full_forward(case):
-    """Prefill 7 tokens into an empty cache, add a chunk of 4 (cache + chunk), then decode one token at a
-    time to 40 (8+ windows) on a left-padded batch: every step equals the full forward, KV-sharing layers
+    """Prefill 6 tokens into an empty cache (more than any window), add a chunk of 3 (cache + chunk), then
+    decode one token at a time on the padded batch: every step equals the full forward, KV-sharing layers
     included (in the prefill they read their source's whole chunk, not its window-sized ring)."""
-    name, _, config, params = case
-    seq, prompt, chunk = 40, 7, 4
-    tokens, mask, positions = _padded_batch(config.vocab_size, seq)
-    tokens, mask, positions, segments = tokens[:2], mask[:2], positions[:2], mask[:2].astype(np.int32)
-    forward = _forward(config, params)
+    name, _, config, _, forward = case
+    prompt, chunk = 6, 3
+    tokens, mask, positions = _padded_batch(config.vocab_size)
+    segments = mask.astype(np.int32)
     full = np.asarray(forward(tokens, positions, segments)[0])
-    cache = init_cache(config, 2, seq)
+    cache = init_cache(config, 3, SEQ)
     assert set(cache) == {f"layer_{i}" for i in range(config.num_layers) if config.kv_source(i) == i}
     assert (len(cache) < config.num_layers) == (config.num_kv_shared_layers > 0)
     logits, cache = forward(tokens[:, :prompt], positions[:, :prompt], segments[:, :prompt], cache, fresh=True)
@@ -130,7 +128,7 @@ def test_prefill_chunk_then_decode_reproduce_full_forward(case):
     cut = slice(prompt, prompt + chunk)
     logits, cache = forward(tokens[:, cut], positions[:, cut], segments[:, cut], cache)
     steps.append(np.asarray(logits))
-    for t in range(prompt + chunk, seq):
+    for t in range(prompt + chunk, SEQ):
         logits, cache = forward(tokens[:, t : t + 1], positions[:, t : t + 1], segments[:, t : t + 1], cache)
         steps.append(np.asarray(logits))
     _close(np.concatenate(steps, axis=1)[mask], full[mask], name)
@@ -139,7 +137,7 @@ def test_prefill_chunk_then_decode_reproduce_full_forward(case):
 def test_greedy_generation_matches_transformers_through_generate_py(case, monkeypatch):
     """`gemma_jax.generate` runs this family unchanged once its two model names point here (the
     family registry's job): prompts of different lengths in one batch, 3+ windows of new tokens."""
-    name, model, config, params = case
+    name, model, config, params, _ = case
     monkeypatch.setattr(gen, "Transformer", Transformer)
     monkeypatch.setattr(gen, "init_cache", init_cache)
     prompts, new = [[2, 17, 33, 5, 71, 9, 42, 11, 60], [2, 40, 41]], 18
@@ -183,7 +181,7 @@ def test_module_init_creates_exactly_the_schema(name):
 
 
 def test_schema_names_every_hf_tensor_and_round_trips(case):
-    name, model, config, params = case
+    name, model, config, params, _ = case
     tensors = {k: v.numpy() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
     back = params_to_hf(config, params)
     assert set(back) == set(tensors), name
