@@ -13,13 +13,14 @@ import pytest
 import torch
 import transformers
 from flax import linen as nn
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from gemma_jax import generate as gen
 from gemma_jax.config import ConfigError
 from gemma_jax.models import gemma3n
 from gemma_jax.models.gemma3n import Gemma3nConfig, Transformer, init_cache, params_from_hf, params_to_hf
 from gemma_jax.models.gemma3n.schema import SCHEMA, entries
+from gemma_jax.quant import quantize_weight
 from gemma_jax.sampling import Sampler
 
 LOCAL, GLOBAL = "sliding_attention", "full_attention"
@@ -147,6 +148,27 @@ def test_greedy_generation_matches_transformers_through_generate_py(case, monkey
         want = out[0, len(prompt) :].tolist()
         assert tokens == (want[: want.index(1)] if 1 in want else want), name
     assert len(got[0]) >= 3 * config.sliding_window and len(set(got[0])) > 3, got  # long, not one repeated token
+
+
+def test_int8_weights_and_remat_run_the_same_model():
+    """int8 weights where the schema says (per-output-channel scales; the per-layer table's rows too)
+    compute what their dequantized float values compute (the random tiny models are too chaotic for a
+    bound against the float weights themselves); rematerialised blocks compute what plain ones do."""
+    config, params = ours(make_hf_model(**CASES["altup4-share2-sparse"]))
+    tokens, mask, positions = _padded_batch(config.vocab_size)
+    args = (tokens, positions, mask.astype(np.int32))
+    run = lambda model: jax.jit(lambda p: model.apply({"params": p}, *args)[0])
+    forward = run(Transformer(config))
+    int8, dequantized = flatten_dict(params, sep="/"), flatten_dict(params, sep="/")
+    for e in entries(config):
+        if e.row.int8_in is not None:
+            q, scale = quantize_weight(int8[e.path], tuple(range(len(e.shape) - e.row.int8_in, len(e.shape))))
+            int8[e.path], int8[e.path.rsplit("/", 1)[0] + "/scale"] = q, scale
+            dequantized[e.path] = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * e.row.int8_in)
+    want = np.asarray(forward(unflatten_dict(dequantized, sep="/")))[mask]
+    _close(np.asarray(forward(unflatten_dict(int8, sep="/")))[mask], want, "int8 weights")
+    remat = run(Transformer(config, remat="block"))(params)  # fresh_cache stays a static argument
+    _close(np.asarray(remat)[mask], np.asarray(forward(params))[mask], "remat", tol=1e-6)
 
 
 # --- the parameter schema ----------------------------------------------------------------------
