@@ -31,7 +31,8 @@ from tqdm import tqdm
 from gemma_jax import distributed
 from gemma_jax.api import load
 from gemma_jax.checkpoint.resolve import checkpoint_path
-from gemma_jax.convert import open_source
+from gemma_jax.checkpoint import open_source
+from gemma_jax.quant import quantize_params
 from gemma_jax.train import data as data_lib
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.checkpoint import Checkpoints
@@ -166,8 +167,6 @@ def _start(
 def _frozen(params: Any, spec: StepSpec, fns: Compiled) -> Any:
     """The LoRA run's frozen base on its shards; quantized to int8 first for an int8 base."""
     if spec.quant is not None:
-        from gemma_jax.quant import quantize_params
-
         params = quantize_params(spec.config, params, spec.quant)
     return jax.device_put(params, fns.frozen)
 
