@@ -16,10 +16,11 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from gemma_jax import generate as gen
-from gemma_jax.config import ConfigError
-from gemma_jax.models import gemma3n
-from gemma_jax.models.gemma3n import Gemma3nConfig, Transformer, init_cache, params_from_hf, params_to_hf
-from gemma_jax.models.gemma3n.schema import SCHEMA, entries
+from gemma_jax import models
+from gemma_jax.models.family import ConfigError
+from gemma_jax.models.gemma3n import FAMILY, SCHEMA, Gemma3nConfig, Transformer, init_cache
+from gemma_jax.models.gemma3n.hf import params_from_hf, params_to_hf
+from gemma_jax.models.gemma3n.model import gaussian_top_k
 from gemma_jax.quant import quantize_weight
 from gemma_jax.sampling import Sampler
 
@@ -108,7 +109,7 @@ def test_logits_match_transformers_on_padded_batches(case):
 
 def test_gaussian_top_k_keeps_the_expected_share():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 4096)) * 3.0 + 1.0
-    kept = float(jnp.mean(gemma3n.model.gaussian_top_k(x, 0.95) > 0))
+    kept = float(jnp.mean(gaussian_top_k(x, 0.95) > 0))
     assert 0.04 < kept < 0.06
 
 
@@ -136,11 +137,10 @@ def test_prefill_chunk_then_decode_reproduce_full_forward(case):
 
 
 def test_greedy_generation_matches_transformers_through_generate_py(case, monkeypatch):
-    """`gemma_jax.generate` runs this family unchanged once its two model names point here (the
-    family registry's job): prompts of different lengths in one batch, 3+ windows of new tokens."""
+    """`gemma_jax.generate` runs this family unchanged once it is registered: prompts of different
+    lengths in one batch (right-padded), 3+ windows of new tokens."""
     name, model, config, params, _ = case
-    monkeypatch.setattr(gen, "Transformer", Transformer)
-    monkeypatch.setattr(gen, "init_cache", init_cache)
+    monkeypatch.setattr(models, "FAMILIES", models.FAMILIES + (FAMILY,))
     prompts, new = [[2, 17, 33, 5, 71, 9, 42, 11, 60], [2, 40, 41]], 18
     got = gen.generate(config, params, prompts, max_new_tokens=new, sampler=Sampler(), stop_ids=(config.eos_id,)).tokens
     for prompt, tokens in zip(prompts, got):
@@ -159,14 +159,14 @@ def test_int8_weights_and_remat_run_the_same_model():
     args = (tokens, positions, mask.astype(np.int32))
     run = lambda model: jax.jit(lambda p: model.apply({"params": p}, *args)[0])
     forward = run(Transformer(config))
-    int8, dequantized = flatten_dict(params, sep="/"), flatten_dict(params, sep="/")
-    for e in entries(config):
-        if e.row.int8_in is not None:
-            q, scale = quantize_weight(int8[e.path], tuple(range(len(e.shape) - e.row.int8_in, len(e.shape))))
-            int8[e.path], int8[e.path.rsplit("/", 1)[0] + "/scale"] = q, scale
-            dequantized[e.path] = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * e.row.int8_in)
-    want = np.asarray(forward(unflatten_dict(dequantized, sep="/")))[mask]
-    _close(np.asarray(forward(unflatten_dict(int8, sep="/")))[mask], want, "int8 weights")
+    int8, dequantized = flatten_dict(params), flatten_dict(params)
+    for spec in FAMILY.tensor_specs(config).values():
+        if (n := spec.param.int8_in) is not None:
+            q, scale = quantize_weight(int8[spec.path], tuple(range(len(spec.shape) - n, len(spec.shape))))
+            int8[spec.path], int8[spec.path[:-1] + ("scale",)] = q, scale
+            dequantized[spec.path] = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * n)
+    want = np.asarray(forward(unflatten_dict(dequantized)))[mask]
+    _close(np.asarray(forward(unflatten_dict(int8)))[mask], want, "int8 weights")
     remat = run(Transformer(config, remat="block"))(params)  # fresh_cache stays a static argument
     _close(np.asarray(remat)[mask], np.asarray(forward(params))[mask], "remat", tol=1e-6)
 
@@ -174,32 +174,24 @@ def test_int8_weights_and_remat_run_the_same_model():
 # --- the parameter schema ----------------------------------------------------------------------
 
 
-def _module_params(config: Gemma3nConfig, quant: str | None = None) -> dict:
-    """{path: (shape, dtype, logical axes)} of the module's init (abstract: nothing is allocated)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: Transformer(config, quant=quant).init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1)["params"])
-    axes = nn.get_partition_spec(boxed)
-    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
-    leaves = flatten_dict(nn.meta.unbox(boxed), sep="/")
-    return {p: (leaf.shape, leaf.dtype, tuple(flatten_dict(axes, sep="/", is_leaf=lambda _, x: is_spec(x))[p])) for p, leaf in leaves.items()}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_module_init_creates_exactly_the_schema(name):
+@pytest.mark.parametrize("quant", [None, "w8a16"])
+@pytest.mark.parametrize("name", CASES)
+def test_module_init_creates_exactly_the_schema(name, quant):
+    """Every path, shape, dtype kind and logical axis the module creates is the schema's, and nothing else;
+    int8 exactly on the schema's int8 rows, with f32 scales over the output dims."""
     config = Gemma3nConfig.from_hf(make_hf_model(**CASES[name]).config.to_dict())
-    created = _module_params(config)
-    declared = {e.path: (e.shape, e.row.axes) for e in entries(config)}
-    assert set(created) == set(declared)
-    for path, (shape, axes) in declared.items():
-        assert created[path][0] == shape and created[path][2] == axes, path
-    quantized = _module_params(config, "w8a8")  # int8 exactly where the schema says, with output-axes scales
-    for e in entries(config):
-        int8 = e.row.int8_in is not None
-        assert (quantized[e.path][1] == jnp.int8) == int8, e.path
-        scale = e.path.rsplit("/", 1)[0] + "/scale"
+    axes = flatten_dict(FAMILY.param_axes(config, quant))
+    shapes = flatten_dict(jax.eval_shape(lambda: FAMILY.init_params(config, jax.random.PRNGKey(0), quant=quant)))
+    expected = {}
+    for spec in FAMILY.tensor_specs(config).values():
+        int8 = quant is not None and spec.param.int8_in is not None
+        expected[spec.path] = (spec.shape, spec.param.axes, np.int8 if int8 else np.float32)
         if int8:
-            assert quantized[scale][0] == e.shape[: len(e.shape) - e.row.int8_in], scale
-            assert quantized[scale][2] == e.row.axes[: len(e.shape) - e.row.int8_in], scale
+            out = len(spec.shape) - spec.param.int8_in
+            expected[spec.path[:-1] + ("scale",)] = (spec.shape[:out], spec.param.axes[:out], np.float32)
+    assert {p: (tuple(shapes[p].shape), axes[p], np.dtype(shapes[p].dtype).type) for p in shapes} == expected
+    for path, (_, path_axes, _) in expected.items():  # from the schema alone, "altup_proj_{i}" included
+        assert FAMILY.logical_axes(path) == path_axes
 
 
 def test_schema_names_every_hf_tensor_and_round_trips(case):
@@ -209,20 +201,27 @@ def test_schema_names_every_hf_tensor_and_round_trips(case):
     assert set(back) == set(tensors), name
     for k, v in tensors.items():
         np.testing.assert_array_equal(back[k], v)
-    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape"):
+    with pytest.raises(ValueError, match=r"tensor model.layers.0.mlp.gate_proj.weight has shape \[3, 3\]"):
         params_from_hf(config, {**tensors, "model.layers.0.mlp.gate_proj.weight": np.zeros((3, 3), np.float32)})
-    with pytest.raises(KeyError, match=r"tensor model.norm.weight is missing"):
+    with pytest.raises(ValueError, match=r"missing tensors model.norm.weight"):
         params_from_hf(config, {k: v for k, v in tensors.items() if k != "model.norm.weight"})
+    with pytest.raises(ValueError, match=r"unexpected tensors model.layers.0.extra.weight"):
+        params_from_hf(config, {**tensors, "model.layers.0.extra.weight": np.zeros(3)})
+    shared = [i for i in range(config.num_layers) if config.kv_source(i) != i]  # real checkpoints keep their unused k/v
+    extra = {f"model.layers.{i}.self_attn.k_proj.weight": np.zeros(3) for i in shared}
+    assert set(flatten_dict(params_from_hf(config, {**tensors, **extra}))) == set(flatten_dict(params))
 
 
 def test_schema_gguf_names_are_llama_cpp_names():
     gguf = pytest.importorskip("gguf")
     config = Gemma3nConfig.from_preset("gemma3n-e2b")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, config.num_layers)
-    for e in entries(config):
-        want = names.get_name(e.hf.removesuffix(".weight"))
-        assert e.gguf == (None if e.row.path.startswith("altup_") else want), e.hf  # GGUF stacks the AltUp projections
-    assert {row.path.split("/")[-1] for row in SCHEMA if row.norm} == {"scale"}
+    for spec in FAMILY.tensor_specs(config).values():
+        if spec.path[0].startswith("altup_"):  # GGUF stacks the AltUp projections: no per-stream name
+            assert spec.gguf_name is None
+        else:  # ".weight" on correct_output_scale too, as llama.cpp reads it
+            assert spec.gguf_name == names.get_name(spec.hf_name.removesuffix(".weight")) + ".weight", spec.hf_name
+    assert all(row.norm == "plain" for row in SCHEMA if row.path.endswith("norm/scale"))
 
 
 # --- config ----------------------------------------------------------------------------------------

@@ -165,17 +165,18 @@ def _tensor_specs(family: Family, config: Config) -> dict[str, TensorSpec]:
 
 @functools.cache
 def _axes_by_path(family: Family) -> Callable[[ParamPath], tuple[str, ...]]:
-    """path -> logical axes, from the schema's path templates ("layer_{i}" matches any layer)."""
+    """path -> logical axes, from the schema's path templates ("layer_{i}" matches any layer, and any
+    other "name_{i}" any index, e.g. Gemma 3n's "altup_proj_{i}")."""
     table: dict[tuple[str, ...], tuple[str, ...]] = {}
     for param in family.schema:
         key = tuple(param.path.replace("{i}", "*").split("/"))
         table[key] = param.axes
         if param.int8_in is not None:  # the int8 weight's scale: its output axes
             table[key[:-1] + ("scale",)] = param.axes[: len(param.axes) - param.int8_in]
-    pattern = re.compile(r"layer_\d+")
+    pattern = re.compile(r"(.+_)\d+")
 
     def axes(path: ParamPath) -> tuple[str, ...]:
-        key = tuple("layer_*" if pattern.fullmatch(part) else part for part in path)
+        key = tuple(pattern.sub(r"\1*", part) if pattern.fullmatch(part) else part for part in path)
         if key not in table:
             raise KeyError(f"no parameter {'/'.join(path)} in the {family.name} model")
         return table[key]

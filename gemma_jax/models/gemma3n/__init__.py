@@ -1,7 +1,11 @@
-"""Gemma 3n (text): its config, Flax decoder, KV cache and parameter schema (see model.py for the architecture)."""
+"""Gemma 3n (text): AltUp streams, per-layer inputs, LAuReL, KV sharing and activation sparsity
+(see model.py). `FAMILY` is everything the rest of gemma_jax knows about it."""
 
+from gemma_jax.models.family import Family
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
-from gemma_jax.models.gemma3n.model import Transformer, init_cache
-from gemma_jax.models.gemma3n.schema import SCHEMA, WHEN, dims, params_from_hf, params_to_hf
+from gemma_jax.models.gemma3n.model import CACHE_AXES, Transformer, init_cache
+from gemma_jax.models.gemma3n.schema import SCHEMA, WHEN, dims
 
-__all__ = ["SCHEMA", "WHEN", "Gemma3nConfig", "Transformer", "dims", "init_cache", "params_from_hf", "params_to_hf"]
+FAMILY = Family("gemma3n", Gemma3nConfig, Transformer, init_cache, CACHE_AXES, SCHEMA, WHEN, dims)
+
+__all__ = ["FAMILY", "SCHEMA", "WHEN", "Gemma3nConfig", "Transformer", "dims", "init_cache"]

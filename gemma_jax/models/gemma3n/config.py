@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from gemma_jax import configs
-from gemma_jax.config import LAYER_KINDS, ConfigError, _first, _given, _layer_pattern, _required, _short
+from gemma_jax.models.family import ConfigError
+from gemma_jax.models.gemma.config import LAYER_KINDS, _first, _given, _layer_pattern, _required, _short
 
 MODEL_TYPE = "gemma3n_text"
 MULTIMODAL_MODEL_TYPE = "gemma3n"  # Gemma3nForConditionalGeneration: the text stack is its `text_config`
@@ -54,6 +55,7 @@ _HF_SPARSE_LAYERS, _HF_SPARSITY = 10, 0.95  # transformers' default sparsity: th
 class Gemma3nConfig:
     """Hyper-parameters of a Gemma 3n text decoder. Hashable (tuples only): a static jit argument."""
 
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = (MODEL_TYPE, MULTIMODAL_MODEL_TYPE)  # the config.json model_types it reads
     vocab_size: int
     embed_dim: int
     num_layers: int
@@ -99,6 +101,8 @@ class Gemma3nConfig:
             raise ConfigError("layer_pattern", f"must list 'local'/'global' entries, got {_short(self.layer_pattern)}")
         if "local" in self.layer_pattern and not self.sliding_window:
             raise ConfigError("sliding_window", "is not set, but layer_pattern has local layers")
+        if self.altup_num_inputs - 1 > self.num_layers:  # the schema indexes the extra streams' projections like layers
+            raise ConfigError("altup_num_inputs", f"must be at most num_layers + 1 = {self.num_layers + 1}, got {self.altup_num_inputs}")
         if self.altup_active_idx >= self.altup_num_inputs:
             raise ConfigError("altup_active_idx", f"must be below altup_num_inputs={self.altup_num_inputs}, got {self.altup_active_idx}")
         if self.num_kv_shared_layers >= self.num_layers:

@@ -1,6 +1,6 @@
 """The Gemma 3n text decoder as Flax modules, with the Gemma family's call signature and cache.
 
-Shapes use named dims as in `gemma_jax/model.py` (B batch, T query length, S key length, D embed,
+Shapes use named dims as in `gemma_jax/models/gemma/model.py` (B batch, T query length, S key length, D embed,
 N query heads, K kv heads, H head dim, F a layer's mlp dim, V vocab), plus A AltUp streams,
 L layers, P the per-layer-input width, E = L * P, R the LAuReL rank. Weights are stored
 [out..., in...] as in Hugging Face checkpoints.
@@ -36,7 +36,7 @@ from flax import linen as nn
 
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rms_normalize, rope, soft_cap
-from gemma_jax.model import _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache
+from gemma_jax.models.gemma.model import _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
 from gemma_jax.sharding import constrain
 
@@ -278,7 +278,7 @@ def _block_class(remat: str) -> type[Block]:
 
 
 class Transformer(nn.Module):
-    """Gemma 3n text decoder; the same constructor and call as `gemma_jax.model.Transformer`."""
+    """Gemma 3n text decoder; the same constructor and call as the Gemma family's `Transformer`."""
 
     config: Gemma3nConfig
     dtype: Any = jnp.float32
