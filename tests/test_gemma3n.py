@@ -15,6 +15,7 @@ import transformers
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+import gemma_jax
 from gemma_jax import generate as gen
 from gemma_jax import models
 from gemma_jax.models.family import ConfigError
@@ -136,11 +137,10 @@ def test_prefill_chunk_then_decode_reproduce_full_forward(case):
     _close(np.concatenate(steps, axis=1)[mask], full[mask], name)
 
 
-def test_greedy_generation_matches_transformers_through_generate_py(case, monkeypatch):
-    """`gemma_jax.generate` runs this family unchanged once it is registered: prompts of different
-    lengths in one batch (right-padded), 3+ windows of new tokens."""
+def test_greedy_generation_matches_transformers_through_generate_py(case):
+    """`gemma_jax.generate` runs this family through the registry: prompts of different lengths in one
+    batch (right-padded), 3+ windows of new tokens."""
     name, model, config, params, _ = case
-    monkeypatch.setattr(models, "FAMILIES", models.FAMILIES + (FAMILY,))
     prompts, new = [[2, 17, 33, 5, 71, 9, 42, 11, 60], [2, 40, 41]], 18
     got = gen.generate(config, params, prompts, max_new_tokens=new, sampler=Sampler(), stop_ids=(config.eos_id,)).tokens
     for prompt, tokens in zip(prompts, got):
@@ -169,6 +169,20 @@ def test_int8_weights_and_remat_run_the_same_model():
     _close(np.asarray(forward(unflatten_dict(int8)))[mask], want, "int8 weights")
     remat = run(Transformer(config, remat="block"))(params)  # fresh_cache stays a static argument
     _close(np.asarray(remat)[mask], np.asarray(forward(params))[mask], "remat", tol=1e-6)
+
+
+def test_a_saved_transformers_checkpoint_loads_through_gemma_jax_load(tmp_path, monkeypatch):
+    """End to end as a user: save_pretrained, then gemma_jax.load by a relative path; logits match."""
+    model = make_hf_model(**CASES["altup4-share2-sparse"])
+    model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    loaded = gemma_jax.load("ckpt", dtype="float32")
+    assert isinstance(loaded.config, Gemma3nConfig)
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41, 60, 3], [2, 8]]
+    got = loaded.logits(rows)
+    with torch.no_grad():
+        for i, row in enumerate(rows):
+            _close(got[i, : len(row)], model(torch.tensor([row])).logits.numpy()[0], f"row {i}")
 
 
 # --- the parameter schema ----------------------------------------------------------------------
@@ -247,7 +261,7 @@ def test_presets_round_trip_through_config_json_that_transformers_loads(preset):
     assert isinstance(loaded, transformers.Gemma3nTextConfig)
     assert Gemma3nConfig.from_hf(loaded.to_dict()) == config
     multimodal = {"model_type": "gemma3n", "text_config": {k: v for k, v in hf.items() if k != "model_type"}, "vision_config": {}}
-    assert Gemma3nConfig.from_hf(multimodal) == config
+    assert Gemma3nConfig.from_hf(multimodal) == config == models.config_from_hf(multimodal) == models.preset(preset)
     assert hash(config) == hash(Gemma3nConfig.from_hf(hf))  # hashable: a static jit argument
 
 

@@ -25,6 +25,7 @@ from gemma_jax.checkpoint.compressed_tensors import compressed_tensors_source, s
 from gemma_jax.checkpoint.gguf import write_gguf
 from gemma_jax.checkpoint.hf import hf_source, load_hf, read_hf_config
 from gemma_jax.checkpoint.resolve import open_checkpoint
+from gemma_jax.models import config_from_hf, preset
 from gemma_jax.models.gemma import GemmaConfig
 
 
@@ -81,8 +82,8 @@ def test_missing_field_is_named(ckpt: Path) -> None:
 
 @pytest.mark.parametrize("name", configs.model_preset_names())
 def test_every_preset_passes_validation_and_round_trips_through_config_json(name: str) -> None:
-    config = GemmaConfig.from_preset(name)
-    again = GemmaConfig.from_hf(json.loads(json.dumps(config.to_hf())))
+    config = preset(name)
+    again = config_from_hf(json.loads(json.dumps(config.to_hf())))
     assert again.layer_kinds == config.layer_kinds
     assert again.replace(layer_pattern=config.layer_pattern) == config
 

@@ -74,7 +74,7 @@ def test_a_checkpoint_written_before_the_family_seam_loads_with_the_same_logits(
 def test_every_format_module_registers_itself():
     assert registry.sources() == ("hf", "compressed-tensors", "orbax", "gemma-lib", "gguf")
     assert set(registry.targets()) == {"hf", "compressed-tensors", "orbax", "gguf"}
-    assert [f.name for f in FAMILIES] == ["gemma"]
+    assert [f.name for f in FAMILIES] == ["gemma", "gemma3n"]
 
 
 def _modules() -> list[str]:

@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 
 from gemma_jax import configs
-from gemma_jax.models import gemma
+from gemma_jax.models import gemma, gemma3n
 from gemma_jax.models.family import Config, ConfigError, Family, Param, ParamPath, TensorSpec
 
-FAMILIES: tuple[Family, ...] = (gemma.FAMILY,)
+FAMILIES: tuple[Family, ...] = (gemma.FAMILY, gemma3n.FAMILY)
 
 
 def family_of(config: Config) -> Family:
