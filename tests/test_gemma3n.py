@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import gemma_jax
@@ -185,27 +184,7 @@ def test_a_saved_transformers_checkpoint_loads_through_gemma_jax_load(tmp_path, 
             _close(got[i, : len(row)], model(torch.tensor([row])).logits.numpy()[0], f"row {i}")
 
 
-# --- the parameter schema ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("quant", [None, "w8a16"])
-@pytest.mark.parametrize("name", CASES)
-def test_module_init_creates_exactly_the_schema(name, quant):
-    """Every path, shape, dtype kind and logical axis the module creates is the schema's, and nothing else;
-    int8 exactly on the schema's int8 rows, with f32 scales over the output dims."""
-    config = Gemma3nConfig.from_hf(make_hf_model(**CASES[name]).config.to_dict())
-    axes = flatten_dict(FAMILY.param_axes(config, quant))
-    shapes = flatten_dict(jax.eval_shape(lambda: FAMILY.init_params(config, jax.random.PRNGKey(0), quant=quant)))
-    expected = {}
-    for spec in FAMILY.tensor_specs(config).values():
-        int8 = quant is not None and spec.param.int8_in is not None
-        expected[spec.path] = (spec.shape, spec.param.axes, np.int8 if int8 else np.float32)
-        if int8:
-            out = len(spec.shape) - spec.param.int8_in
-            expected[spec.path[:-1] + ("scale",)] = (spec.shape[:out], spec.param.axes[:out], np.float32)
-    assert {p: (tuple(shapes[p].shape), axes[p], np.dtype(shapes[p].dtype).type) for p in shapes} == expected
-    for path, (_, path_axes, _) in expected.items():  # from the schema alone, "altup_proj_{i}" included
-        assert FAMILY.logical_axes(path) == path_axes
+# --- the parameter schema (tests/test_models.py checks it against the module's init) ------------
 
 
 def test_schema_names_every_hf_tensor_and_round_trips(case):

@@ -91,7 +91,8 @@ class Gemma3nConfig:
             raise ConfigError("model_type", f"is {self.model_type!r}; this family reads {MODEL_TYPE!r}")
         for name, kind in _FIELD_KINDS.items():
             _check_field(self, name, kind)
-        object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern) if isinstance(self.layer_pattern, (list, tuple)) else self.layer_pattern)
+        if isinstance(self.layer_pattern, list):
+            object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
         object.__setattr__(self, "mlp_dim", _per_layer(self.mlp_dim, self.num_layers, "mlp_dim", _check_count))
         sparsity = self.activation_sparsity if self.activation_sparsity != () else 0.0
         object.__setattr__(self, "activation_sparsity", _per_layer(sparsity, self.num_layers, "activation_sparsity", _check_fraction))

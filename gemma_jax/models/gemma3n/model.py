@@ -306,17 +306,18 @@ class Transformer(nn.Module):
             "BTD,ED->BTE", x) for j in range(cfg.altup_num_inputs - 1)]  # fmt: skip
         streams = constrain(jnp.stack([x] + [match_magnitude(e, target) for e in extra]), STREAMS)  # A B T D
 
-        sources = {cfg.kv_source(i) for i in range(cfg.num_layers)} - {i for i in range(cfg.num_layers) if cfg.kv_source(i) != i}
+        read_by_others = {cfg.kv_source(i) for i in range(cfg.num_layers) if cfg.kv_source(i) != i}
         new_cache, shared_kv = ({} if cache is not None else None), {}
         for i in range(cfg.num_layers):
             name, source = f"layer_{i}", cfg.kv_source(i)
-            layer_cache = cache[name] if cache is not None and source == i else None
+            owns = source == i
             streams, layer_cache, kv = _block_class(self.remat)(cfg, i, self.param_dtype, self.quant, name=name)(
-                streams, per_layer[:, :, i], positions, segment_ids, layer_cache, fresh_cache, shared_kv.get(source)
+                streams, per_layer[:, :, i], positions, segment_ids, cache[name] if cache is not None and owns else None,
+                fresh_cache, None if owns else shared_kv[source],
             )
-            if source == i and i in sources:
+            if i in read_by_others:
                 shared_kv[i] = kv
-            if new_cache is not None and source == i:
+            if new_cache is not None and owns:
                 new_cache[name] = layer_cache
 
         if logits_index is not None:

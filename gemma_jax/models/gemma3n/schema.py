@@ -15,7 +15,7 @@ and v is RMS-normed after its projection, so q/k/v/o get no smoothing (it would 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from gemma_jax.models.family import Param
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
