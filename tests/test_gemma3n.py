@@ -1,6 +1,7 @@
 """Gemma 3n (text) against `transformers`' Gemma3nForCausalLM: float32 logits on several tiny configs
 (AltUp streams, KV sharing, activation sparsity, sliding windows far shorter than the sequence),
-padded batches, prefill + decode, greedy generation; the parameter schema against the module; the config."""
+padded batches, prefill + decode, greedy generation, loading a saved checkpoint; int8; the schema's HF
+and GGUF names; the config (tests/test_models.py checks the schema against the module's init)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ CASES = {
     "altup4-share2-sparse": dict(altup_num_inputs=4, num_kv_shared_layers=2, activation_sparsity_pattern=[0.95, 0.6, 0.0, 0.0, 0.0],
                                  num_hidden_layers=5, sliding_window=3, layer_types=[LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
     # 3 streams, active stream 1, no output scale, soft-cap 10, ids past the per-layer table,
-    # the last 3 of 6 layers share (two of them reading one local source)
-    "altup3-share3-active1": dict(altup_num_inputs=3, altup_active_idx=1, altup_correct_scale=False, num_kv_shared_layers=3,
+    # the last 3 of 6 layers share (two of them reading one local source). Seed 1: seed 0 draws a model
+    # whose float32 logits are 1e-4 off its own float64 ones in transformers too (too ill-conditioned to compare)
+    "altup3-share3-active1": dict(seed=1, altup_num_inputs=3, altup_active_idx=1, altup_correct_scale=False, num_kv_shared_layers=3,
                                   activation_sparsity_pattern=[0.8] + [0.0] * 5, num_hidden_layers=6, sliding_window=5,
                                   final_logit_softcapping=10.0, vocab_size_per_layer_input=60,
                                   layer_types=[LOCAL, LOCAL, GLOBAL, LOCAL, LOCAL, GLOBAL]),
