@@ -26,11 +26,12 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.tree_util import DictKey
 
-from gemma_jax.models import Config, build, init_params, param_axes
+from gemma_jax.models import Config, init_params, param_axes
+from gemma_jax.runtime import Runtime
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.data import ROW_FIELDS
-from gemma_jax.sharding import Layout, activate, constrain, tree_shardings
+from gemma_jax.sharding import Layout, tree_shardings
 
 State = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
 Metrics = dict[str, jax.Array]
@@ -43,16 +44,14 @@ def default_compute_dtype() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Everything that shapes the compiled step (hashable: one compilation per distinct spec)."""
+    """Everything that shapes the compiled step (hashable: one compilation per distinct spec): the model's
+    `Runtime` (config, compute dtype, int8 scheme of the base, kernels and mesh layout) and the run's settings."""
 
-    config: Config
-    layout: Layout
-    compute_dtype: str
+    runtime: Runtime
     param_dtype: str  # trained params and optimizer state
     base_dtype: str  # LoRA: the frozen base
     remat: str
     lora: lora_lib.LoraSpec | None
-    quant: str | None  # int8 base (LoRA only)
     learning_rate: float
     warmup_steps: int
     total_steps: int
@@ -70,14 +69,30 @@ class StepSpec:
     def create(cls, cfg: TrainConfig, config: Config, layout: Layout) -> StepSpec:
         """The step of run settings `cfg` for model `config` on `layout`."""
         schedule = cfg.schedule()
+        runtime = Runtime.create(config, cfg.compute_dtype or default_compute_dtype(), layout=layout, quant=cfg.quant)
         return cls(
-            config=config, layout=layout, compute_dtype=cfg.compute_dtype or default_compute_dtype(),
-            param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
-            lora=lora_lib.LoraSpec.create(cfg), quant=cfg.quant, learning_rate=schedule["learning_rate"],
+            runtime=runtime, param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
+            lora=lora_lib.LoraSpec.create(cfg), learning_rate=schedule["learning_rate"],
             warmup_steps=schedule["warmup_steps"], total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
             weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
         )  # fmt: skip
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def layout(self) -> Layout:
+        return self.runtime.layout
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.runtime.dtype
+
+    @property
+    def quant(self) -> str | None:  # int8 base (LoRA only)
+        return self.runtime.quant
 
     def schedule(self) -> optax.Schedule:
         """Linear warm-up from 0 to the peak, then cosine decay to min_lr_ratio * peak at total_steps."""
@@ -94,7 +109,7 @@ class StepSpec:
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw) if self.max_grad_norm > 0 else adamw
 
     def model(self) -> Any:
-        return build(self.config, dtype=jnp.dtype(self.compute_dtype), quant=self.quant, remat=self.remat)
+        return self.runtime.model(remat=self.remat)
 
     # --- what lives where ------------------------------------------------------------------
     def trained_axes(self) -> Any:
@@ -155,7 +170,7 @@ def loss_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: Step
     adapters = contextlib.nullcontext() if spec.lora is None else lora_lib.interceptor(spec.config, spec.lora, trained)
     with adapters:
         logits, _ = spec.model().apply({"params": params}, batch["inputs"], batch["positions"], batch["segments"])
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    logits = spec.runtime.constrain(logits, ("act_batch", "act_length", "act_vocab"))
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
@@ -163,33 +178,27 @@ def loss_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: Step
 def train_step(state: State, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[State, Metrics]:
     """One optimizer step on a batch of [grad_accum, micro_batch, seq_len] arrays."""
     shardings = spec.state_shardings()["params"]
-    with activate(spec.layout):
 
-        def micro(carry, mb):
-            (nll, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, mb, spec)
-            grads = jax.lax.with_sharding_constraint(grads, shardings)
-            return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
+    def micro(carry, mb):
+        (nll, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, mb, spec)
+        grads = jax.lax.with_sharding_constraint(grads, shardings)
+        return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]), jnp.float32(0), jnp.float32(0))
-        (grads, nll, weight), _ = jax.lax.scan(micro, zeros, batch)
-        denominator = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
-        optimizer = spec.optimizer()
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        metrics = {
-            "loss": nll / denominator,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": spec.schedule()(state["step"]),
-            "target_tokens": weight,
-            "tokens": jnp.sum(batch["segments"] > 0).astype(jnp.float32),
-        }
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
-
-
-def eval_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[jax.Array, jax.Array]:
-    with activate(spec.layout):
-        return loss_sums(trained, frozen, batch, spec)
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]), jnp.float32(0), jnp.float32(0))
+    (grads, nll, weight), _ = jax.lax.scan(micro, zeros, batch)
+    denominator = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
+    optimizer = spec.optimizer()
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    metrics = {
+        "loss": nll / denominator,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": spec.schedule()(state["step"]),
+        "target_tokens": weight,
+        "tokens": jnp.sum(batch["segments"] > 0).astype(jnp.float32),
+    }
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +240,7 @@ def compiled(spec: StepSpec) -> Compiled:
             donate_argnums=0,
         ),
         evaluate=jax.jit(
-            functools.partial(eval_sums, spec=spec),
+            functools.partial(loss_sums, spec=spec),
             in_shardings=(state["params"], frozen, eval_batch),
             out_shardings=(replicated, replicated),
         ),
