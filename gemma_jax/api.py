@@ -95,6 +95,18 @@ class Gemma:
         out = _logprobs(self.params, padded, **self._static())
         return to_host(out)[: len(tokens)]
 
+    def scores(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's raw scores: [B labels] (sequence classification) or one [T labels] per row (token)."""
+        from gemma_jax.classify import scores
+
+        return scores(self, inputs)
+
+    def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's probabilities (multi-label: per label; regression: the scores), shaped as `scores`."""
+        from gemma_jax.classify import probabilities
+
+        return probabilities(self, inputs)
+
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
 

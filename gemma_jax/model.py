@@ -32,6 +32,7 @@ from flax.traverse_util import flatten_dict
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
+from gemma_jax.models.heads import TOKEN, Head, Score
 from gemma_jax.sharding import constrain
 
 Array = jax.Array
@@ -77,9 +78,10 @@ def param_axes(config: GemmaConfig, quant: str | None = None) -> dict:
 
 @functools.cache
 def _axes_by_path() -> dict[tuple[str, ...], tuple[str, ...]]:
+    # Every kind of leaf: a token classifier's head has both score leaves (weight and bias).
     every_kind = GemmaConfig(
-        model_type="gemma3_text", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-        mlp_dim=8, query_pre_attn_scalar=8, use_post_norms=True, use_qk_norm=True,
+        model_type="gemma2", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
+        mlp_dim=8, query_pre_attn_scalar=8, use_post_norms=True, use_qk_norm=True, head=Head.classifier(TOKEN, ("a",)),
     )  # fmt: skip
     return {**flatten_dict(param_axes(every_kind)), **flatten_dict(param_axes(every_kind, "w8a8"))}  # float + int8 leaves
 
@@ -264,7 +266,10 @@ class Transformer(nn.Module):
         logits_index: Array | None = None,  # B: compute logits only at this position of each row
         fresh_cache: bool = False,  # the cache is empty: skip attending to it (prefill)
     ) -> tuple[Array, Cache | None]:
-        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
+        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache.
+
+        With a classification head (`config.head`), label scores [B T L] (or [B L]) instead of vocab logits.
+        """
         cfg = self.config
         embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, name="embedder")
         x = constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
@@ -279,4 +284,6 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
+        if not cfg.head.is_lm:
+            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name="score")(x), new_cache
         return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache

@@ -18,7 +18,7 @@ from gemma_jax.config import GemmaConfig
 
 ParamPath = tuple[str, ...]
 
-# Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim; "NH" = N*H.
+# Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim, L labels; "NH" = N*H.
 # `when`: the row exists only for configs meeting this condition (see _WHEN; None: always).
 # Gemma 1 has no post-norms, and HF calls its pre-MLP norm `post_attention_layernorm`;
 # in Gemma 2/3 that same HF name is the norm *after* attention.
@@ -41,6 +41,8 @@ _TABLE: tuple[tuple[str, str, str, str, bool, str | None], ...] = (
     ("model.layers.{i}.mlp.down_proj.weight",               "layer_{i}/mlp/down/w",            "D F",  "D F",   True,   None),
     ("model.layers.{i}.post_feedforward_layernorm.weight",  "layer_{i}/post_ffw_norm/scale",   "D",    "D",     False,  "post_norms"),
     ("model.norm.weight",                                   "final_norm/scale",                "D",    "D",     False,  None),
+    ("score.weight",                                        "score/w",                         "L D",  "L D",   False,  "classifier"),
+    ("score.bias",                                          "score/b",                         "L",    "L",     False,  "score_bias"),
 )
 # fmt: on
 _WHEN = {
@@ -48,6 +50,8 @@ _WHEN = {
     "post_norms": lambda c: c.use_post_norms,
     "no_post_norms": lambda c: not c.use_post_norms,
     "qk_norm": lambda c: c.use_qk_norm,
+    "classifier": lambda c: not c.head.is_lm,  # a classification head (see models/heads.py), kept in float
+    "score_bias": lambda c: c.head.bias,
 }
 
 
@@ -91,7 +95,7 @@ def check_layer_count(config: GemmaConfig, stored: int, where: object) -> None:
 def tensor_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
     """Every tensor a checkpoint for `config` holds, keyed by HF name, in HF's layer order."""
     dims = dict(V=config.vocab_size, D=config.embed_dim, F=config.mlp_dim,
-                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim)
+                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim, L=config.head.num_labels)
 
     specs = [
         TensorSpec(hf.format(i=i), tuple(ours.format(i=i).split("/")), _shape(hf_shape, dims), _shape(shape, dims), linear)
