@@ -32,7 +32,7 @@ from flax.traverse_util import flatten_dict
 from gemma_jax.config import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
-from gemma_jax.models.heads import TOKEN, Head, Score
+from gemma_jax.models.heads import HEAD_KEY, TOKEN, Head, Score
 from gemma_jax.sharding import constrain
 
 Array = jax.Array
@@ -285,5 +285,5 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
         if not cfg.head.is_lm:
-            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name="score")(x), new_cache
+            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name=HEAD_KEY)(x), new_cache
         return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache

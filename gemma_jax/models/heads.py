@@ -22,10 +22,12 @@ binary cross-entropy on logits (multi-label), mean squared error (regression).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 
@@ -41,6 +43,7 @@ _HF_SUFFIX = {SEQUENCE: "ForSequenceClassification", TOKEN: "ForTokenClassificat
 # transformers' class-name prefix per model_type (Gemma 3's text-only classifier is "Gemma3Text...").
 _HF_PREFIX = {"gemma": "Gemma", "gemma2": "Gemma2", "gemma3_text": "Gemma3Text"}
 _HF_HAS = {("gemma3_text", TOKEN): False}  # transformers 5.24 ships no Gemma 3 token classifier
+HEAD_KEY = "score"  # the head's subtree in a params tree
 SCORE_AXES = ("labels", "embed")
 INIT_STD = 0.02  # transformers' initializer_range: how a new head starts
 
@@ -214,3 +217,48 @@ def sequence_loss(head: Head, scores: Array, labels: Array) -> Array:
     if head.problem_type == MULTI:
         return jnp.mean(optax.sigmoid_binary_cross_entropy(scores, labels.astype(scores.dtype)), axis=-1)
     return jnp.mean(jnp.square(scores - labels.astype(scores.dtype)), axis=-1)
+
+
+def task_head(task: str | None, current: Head, data_labels: Callable[[], tuple[str, ...]]) -> Head:
+    """The head a fine-tuning run trains: the checkpoint's own (`task` None or the same), or a new
+    classifier of `task` on a causal LM, labelled with `data_labels()` (the training file's)."""
+    if task is None or task == current.task:
+        return current
+    if task not in TASKS:
+        raise HeadError("task", f"is {task!r}, not one of {', '.join(TASKS)}")
+    if not current.is_lm:
+        raise HeadError("task", f"is {task}, but the checkpoint is a {current.task} model; fine-tune it as one")
+    return Head.classifier(task, data_labels(), SINGLE)
+
+
+def confusion(scores: Array, targets: Array, weights: Array) -> Array:
+    """[L L] weighted counts of (true label, predicted label) over the scored tokens ([.. L] scores, [..] targets)."""
+    num_labels = scores.shape[-1]
+    truth = jax.nn.one_hot(targets, num_labels) * weights[..., None]
+    predicted = jax.nn.one_hot(jnp.argmax(scores, axis=-1), num_labels)
+    return jnp.einsum("...t,...p->tp", truth, predicted)
+
+
+def accuracy_and_f1(counts: Any) -> tuple[float, float]:
+    """(accuracy, macro-averaged F1 over the labels that occur as truth or prediction) of a confusion matrix."""
+    counts = np.asarray(counts, np.float64)
+    total, hits = counts.sum(), np.diag(counts)
+    truth, predicted = counts.sum(axis=1), counts.sum(axis=0)
+    seen = (truth + predicted) > 0
+    f1 = 2 * hits[seen] / (truth[seen] + predicted[seen])
+    return float(hits.sum() / max(total, 1.0)), float(f1.mean()) if seen.any() else 0.0
+
+
+def init_head(head: Head, embed_dim: int, rng: Array, dtype: Any = jnp.float32) -> dict[str, Array]:
+    """A new head's params ({"w"[, "b"]}), initialised as transformers initialises one (normal(0.02), zero bias)."""
+    return nn.meta.unbox(Score(head, embed_dim, dtype).init(rng, jnp.zeros((1, embed_dim), dtype))["params"])
+
+
+def head_leaves(params: Any) -> dict[str, Any]:
+    """The classification head's subtree of a params-shaped tree, under its key ({} for a causal LM)."""
+    return {HEAD_KEY: params[HEAD_KEY]} if HEAD_KEY in params else {}
+
+
+def without_head(params: Any) -> dict[str, Any]:
+    """The decoder's part of a params-shaped tree (a LoRA run trains the head beside the adapters)."""
+    return {k: v for k, v in params.items() if k != HEAD_KEY}
