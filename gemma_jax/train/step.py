@@ -234,7 +234,7 @@ class Compiled:
         head), and a new optimizer state."""
         replicated = self.state["step"]
         rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
-        trained = params if self.init_lora is None else {**self.init_lora(rng), **head_leaves(params)}
+        trained = params if self.init_lora is None else {**self.init_lora(rng), **head_leaves(params or {})}
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         return {"params": trained, "opt_state": self.init_opt(trained), "step": step, "rng": rng}
 
