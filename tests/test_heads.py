@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -179,3 +180,50 @@ def test_orbax_stores_the_head(tmp_path):
     config = GemmaConfig(model_type="gemma", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1,
                          head_dim=8, mlp_dim=8, query_pre_attn_scalar=8, head=Head.classifier(TOKEN, ("x", "y")))  # fmt: skip
     assert GemmaConfig(**json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+def _run_cli(*args: str, cwd) -> None:
+    done = subprocess.run(["gemma-jax", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("model_type, task", [("gemma2", SEQUENCE), ("gemma", TOKEN)])
+def test_hf_orbax_hf_round_trip_is_bit_exact(classifier, tmp_path, model_type, task):
+    """convert HF -> Orbax -> HF (relative paths, as users type them): every tensor and the head unchanged."""
+    from safetensors.numpy import load_file
+
+    _, path = classifier(model_type, task)
+    _run_cli("convert", str(path), "orbax", "--to", "orbax", "--quiet", cwd=tmp_path)
+    _run_cli("convert", "orbax", "hf", "--to", "hf", "--quiet", cwd=tmp_path)
+    before, after = load_file(path / "model.safetensors"), load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(before) == sorted(after) and "score.weight" in after and ("score.bias" in after) == (task == TOKEN)
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == [ARCH[model_type, task].__name__] and config["id2label"] == {"0": "neg", "1": "neutral", "2": "pos"}
+    assert GemmaConfig.from_hf(config) == load(path, dtype="float32").config
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+def test_int8_quantizes_the_decoder_and_keeps_the_head_float(classifier, tmp_path, scheme):
+    from gemma_jax.checkpoint.orbax import load_orbax
+
+    _, path = classifier("gemma2", SEQUENCE)
+    _run_cli("quantize", str(path), "q8", "--scheme", scheme, "--dtype", "float32", "--quiet", cwd=tmp_path)
+    _, params, _ = load_orbax(tmp_path / "q8")
+    assert params["layer_0"]["attn"]["q"]["w"].dtype == np.int8 and params["score"]["w"].dtype == np.float32
+    float_model, int8_model = load(path, dtype="float32"), load(tmp_path / "q8")
+    assert int8_model.quant == scheme
+    np.testing.assert_array_equal(np.asarray(params["score"]["w"]), np.asarray(float_model.params["score"]["w"]))
+    want, got = float_model.scores(ROWS), int8_model.scores(ROWS)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()  # int8 decoder: close, not exact
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_gguf_refuses_a_classifier(classifier, tmp_path):
+    """llama.cpp's format has no classifier head: refused in one line, nothing written."""
+    _, path = classifier("gemma2", SEQUENCE)
+    done = subprocess.run(["gemma-jax", "convert", str(path), "out.gguf", "--to", "gguf", "--quiet"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.stderr.strip() == "gemma-jax convert: error: GGUF holds causal LMs only; this is a sequence-classification " \
+                                  "checkpoint (convert it to hf or orbax)"
+    assert not (tmp_path / "out.gguf").exists()
