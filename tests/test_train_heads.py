@@ -3,6 +3,7 @@ export is a transformers classifier with the same logits."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -108,3 +109,30 @@ def test_classifier_data_errors_name_the_line(text_checkpoint, tmp_path, monkeyp
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("gemma-jax finetune: error: train.jsonl:2: expected {\"text\"")
+
+
+def test_an_existing_classifier_keeps_its_head_and_a_lora_run_resumes(text_checkpoint, data, tmp_path):
+    """From a transformers classifier (its labels, its score), LoRA: the head's state is checkpointed and
+    restored with the adapters; a label the head lacks is refused naming the line."""
+    import shutil
+
+    from test_heads import make_classifier
+
+    ckpt = tmp_path / "clf"
+    make_classifier("gemma2", SEQUENCE, labels=("bad", "good", "other"), vocab_size=text_checkpoint[0].config.vocab_size,
+                    seed=3).save_pretrained(ckpt)  # fmt: skip
+    shutil.copy(text_checkpoint[1] / "tokenizer.model", ckpt)
+    cfg = _cfg(ckpt, None, {None: data[SEQUENCE]}, tmp_path / "run", lora_rank=4, steps=10, save_every=5, eval_every=10)
+    first = finetune(cfg, devices=jax.devices()[:1], progress=False)
+    assert first.step == 10 and set(first.params) >= {"score", "layer_0"}
+    longer = dataclasses.replace(cfg, steps=14)
+    resumed = finetune(longer, resume=True, devices=jax.devices()[:1], progress=False)
+    assert sorted(resumed.losses) == [11, 12, 13, 14]
+    model = gemma_jax.load(resumed.export["hf"], dtype="float32")
+    assert model.config.head.labels == ("bad", "good", "other")
+    assert not np.array_equal(np.asarray(model.params["score"]["w"]), np.asarray(gemma_jax.load(ckpt, dtype="float32").params["score"]["w"]))
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a b", "label": "good"}) + "\n" + json.dumps({"text": "c", "label": "great"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: label 'great' is not one of the head's labels \['bad', 'good', 'other'\]"):
+        finetune(dataclasses.replace(cfg, data=str(bad), out=str(tmp_path / "run2")), devices=jax.devices()[:1], progress=False)

@@ -14,9 +14,9 @@ position 0, which in a left-padded batch is padding; we take the row's first tok
 pad token transformers refuses batches of more than one row and takes the last token; each row
 then gets its last real token, which is what transformers gives it alone.
 
-Labels (`id2label`) and the problem type live in config.json (`Head.from_hf` / `to_hf`). The
-losses are transformers': cross-entropy (single label, and every token of a token classifier),
-binary cross-entropy on logits (multi-label), mean squared error (regression).
+Labels (`id2label`) and the problem type (single-label, multi-label, regression) live in
+config.json (`Head.from_hf` / `to_hf`). Fine-tuning trains single-label heads with
+transformers' loss, cross-entropy at the scored tokens (train/data.py places the labels there).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import linen as nn
 
 from gemma_jax.layers import project
@@ -207,16 +206,6 @@ def pool_index(tokens: Array, valid: Array, pad_id: int | None) -> Array:
     keep = valid if pad_id is None else valid & (tokens != pad_id)
     last = jnp.max(jnp.where(keep, positions, -1), axis=1)
     return jnp.where(last >= 0, last, jnp.argmax(valid, axis=1)).astype(jnp.int32)
-
-
-def sequence_loss(head: Head, scores: Array, labels: Array) -> Array:
-    """Per-row loss [B] of pooled scores [B L]: labels are class ids [B] (single label), 0/1 [B L]
-    (multi-label) or targets [B L] (regression); as transformers computes them, before its mean."""
-    if head.problem_type == SINGLE:
-        return optax.softmax_cross_entropy_with_integer_labels(scores, labels)
-    if head.problem_type == MULTI:
-        return jnp.mean(optax.sigmoid_binary_cross_entropy(scores, labels.astype(scores.dtype)), axis=-1)
-    return jnp.mean(jnp.square(scores - labels.astype(scores.dtype)), axis=-1)
 
 
 def task_head(task: str | None, current: Head, data_labels: Callable[[], tuple[str, ...]]) -> Head:
