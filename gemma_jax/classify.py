@@ -40,12 +40,17 @@ def encode(model: Gemma, inputs: Inputs) -> list[list[int]]:
     return [model.tokenizer.encode(text, add_bos=True) for text in inputs]
 
 
-def scores(model: Gemma, inputs: Inputs) -> np.ndarray | list[np.ndarray]:
-    """Raw float32 head outputs: [B L] for a sequence classifier, one [T_i L] per row for a token classifier."""
-    head = model.config.head
-    if head.is_lm:
+def require_classifier(model: Gemma) -> Head:
+    """The model's classification head; a causal LM is refused."""
+    if model.config.head.is_lm:
         raise ValueError("this checkpoint is a causal LM (no classification head); classify needs a "
                          "*ForSequenceClassification or *ForTokenClassification checkpoint")  # fmt: skip
+    return model.config.head
+
+
+def scores(model: Gemma, inputs: Inputs) -> np.ndarray | list[np.ndarray]:
+    """Raw float32 head outputs: [B L] for a sequence classifier, one [T_i L] per row for a token classifier."""
+    head = require_classifier(model)
     rows = encode(model, inputs)
     logits = model.logits(rows)  # [B T L], right-padded
     if head.task != SEQUENCE:
@@ -113,7 +118,7 @@ def run_classify_job(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
-    scores(model, [[model.config.bos_id]])  # a causal LM fails here, before the input is read
+    require_classifier(model)  # before the input is read
     parse = lambda rid, record: _parse_line(model, rid, record)  # noqa: E731
     lines, rejected = read_records(input_path, parse, strict=strict, report=report, nothing_done="nothing was classified")
     with results_file(output_path, input_path, [line.id for line in lines], write) as (out, done):
