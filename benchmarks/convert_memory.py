@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_jax.checkpoint import TensorSource, tensor_specs, write_hf
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 CHILD = """

@@ -55,9 +55,9 @@ import gemma_jax
 from gemma_jax.checkpoint.gguf import GGUFFileReader, save_gguf
 from gemma_jax.checkpoint.hf import save_hf
 from gemma_jax.checkpoint.resolve import checkpoint_path
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.generate import bucket, generate
-from gemma_jax.model import init_params
+from gemma_jax.models import init_params
 from gemma_jax.quant import quantize_params, tree_bytes
 from gemma_jax.sampling import Sampler
 

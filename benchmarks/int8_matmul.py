@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.kernels import w8a8_matmul, w8a16_matmul
 
 DECODE_M = (1, 8, 16, 32, 64)

@@ -38,8 +38,8 @@ CASES = ("generate", "convert -> hf", "convert -> orbax")
 
 
 def float32_bytes(ckpt: str) -> int:
-    from gemma_jax.checkpoint.names import tensor_specs
-    from gemma_jax.convert import open_source
+    from gemma_jax.models import tensor_specs
+    from gemma_jax.checkpoint import open_source
     from gemma_jax.checkpoint.resolve import checkpoint_path
 
     config = open_source(checkpoint_path(ckpt)).config

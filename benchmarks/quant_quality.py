@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.checkpoint.resolve import open_checkpoint
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.models.gemma.model import Transformer
 from gemma_jax.perplexity import windows
 from gemma_jax.quant import SMOOTH_ALPHA, quantize_params, tree_bytes
 

@@ -34,8 +34,8 @@ import numpy as np
 
 import gemma_jax
 from gemma_jax.checkpoint.hf import save_hf
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import init_params
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.models import init_params
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.metrics import flops_per_token, peak_flops
 from gemma_jax.train.step import StepSpec, compiled, default_compute_dtype

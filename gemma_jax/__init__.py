@@ -1,6 +1,6 @@
 """gemma_jax: Gemma language models in JAX/Flax, built for TPU pods."""
 
 from gemma_jax.api import Completion, Gemma, load
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 
 __all__ = ["Completion", "Gemma", "GemmaConfig", "load"]

@@ -15,13 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax import classify
+from gemma_jax.checkpoint import open_source
+from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_tokenizer
+from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, read_orbax_config, stored_quant
+from gemma_jax.checkpoint.resolve import checkpoint_path, read_checkpoint
 from gemma_jax.generate import bucket, generate
-from gemma_jax.model import Transformer, logical_axes, param_axes
+from gemma_jax.models import Config, build, family_of, param_axes
+from gemma_jax.quant import quantize_params
 from gemma_jax.sampling import Sampler
+from gemma_jax.sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
 from gemma_jax.text_stream import TextWatcher, until_stop
 from gemma_jax.tokenizer import Tokenizer
-from gemma_jax.sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
 
 Message = dict[str, str]
 # A prompt is text, a token-id list, or (with chat=True) a user message or a whole conversation.
@@ -46,7 +51,7 @@ class Gemma:
 
     def __init__(
         self,
-        config: GemmaConfig,
+        config: Config,
         params: Any,
         tokenizer: Tokenizer | None = None,
         *,
@@ -59,7 +64,7 @@ class Gemma:
         self.tokenizer = tokenizer
         self.layout = layout  # where params live (None: one device); computations follow it
         self.quant = quant  # "w8a8" / "w8a16" for int8 params (see gemma_jax.quant)
-        float_dtype = params["final_norm"]["scale"].dtype  # never an int8 leaf
+        float_dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
         self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(float_dtype))
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
@@ -97,15 +102,11 @@ class Gemma:
 
     def scores(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
         """A classifier's raw scores: [B labels] (sequence classification) or one [T labels] per row (token)."""
-        from gemma_jax.classify import scores
-
-        return scores(self, inputs)
+        return classify.scores(self, inputs)
 
     def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
         """A classifier's probabilities (multi-label: per label; regression: the scores), shaped as `scores`."""
-        from gemma_jax.classify import probabilities
-
-        return probabilities(self, inputs)
+        return classify.probabilities(self, inputs)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
@@ -190,22 +191,22 @@ class Gemma:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
 
-def _logits(params, tokens, segments, config: GemmaConfig, dtype: Any, quant: str | None) -> jax.Array:
+def _logits(params, tokens, segments, config: Config, dtype: Any, quant: str | None) -> jax.Array:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return Transformer(config, dtype, quant=quant).apply({"params": params}, tokens, positions, segments)[0]
+    return build(config, dtype=dtype, quant=quant).apply({"params": params}, tokens, positions, segments)[0]
 
 
 _STATIC = ("config", "dtype", "layout", "quant")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(params, tokens, segments, *, config: GemmaConfig, dtype: Any, layout: Layout | None, quant: str | None):
+def _forward(params, tokens, segments, *, config: Config, dtype: Any, layout: Layout | None, quant: str | None):
     with activate(layout):
         return constrain(_logits(params, tokens, segments, config, dtype, quant), (None, None, None))  # every host reads it
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _logprobs(params, tokens, *, config: GemmaConfig, dtype: Any, layout: Layout | None, quant: str | None):
+def _logprobs(params, tokens, *, config: Config, dtype: Any, layout: Layout | None, quant: str | None):
     with activate(layout):
         logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), config, dtype, quant)[:, :-1], axis=-1)
         return constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None))
@@ -235,23 +236,21 @@ def load(
     `verify` checks each tensor of our Orbax checkpoints against the checksums stored with it
     (see `gemma_jax.checkpoint.manifest`); other formats carry none.
     """
-    from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, stored_quant
-    from gemma_jax.checkpoint.resolve import checkpoint_path, open_checkpoint
-
     layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
     path, stored = checkpoint_path(path), None
     if is_orbax_checkpoint(path):  # orbax reads only each device's part of each tensor
-        where = None if layout is None else lambda name, shape: layout.sharding(logical_axes(name), shape)
+        axes = family_of(read_orbax_config(path)).logical_axes
+        where = None if layout is None else lambda name, shape: layout.sharding(axes(name), shape)
         stored = stored_quant(path)
         config, params, tokenizer = load_orbax(path, dtype=jnp.dtype(dtype), sharding=where, verify=verify)
     else:
+        source = open_source(path)
+        axes, cast = family_of(source.config).logical_axes, jnp.dtype(dtype)
         put = lambda _, x: jax.device_put(x)  # one device: each tensor as it is read (on CPU an aligned one is not copied; jnp.asarray always copies)
         if layout is not None:
-            put = lambda name, x: place(x, layout.sharding(logical_axes(name), x.shape))
-        config, params, tokenizer = open_checkpoint(path, dtype=jnp.dtype(dtype), put=put)
+            put = lambda name, x: place(x, layout.sharding(axes(name), x.shape))
+        config, params, tokenizer = read_checkpoint(source, dtype=cast, put=put)
     if quant is not None and stored is None:
-        from gemma_jax.quant import quantize_params
-
         params = quantize_params(config, params, quant)
         if layout is not None:
             params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
@@ -262,11 +261,6 @@ def load(
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     """The tokenizer of a checkpoint (path or name, as for `load`) without reading its weights,
     so that inputs can be checked before a long load; None if the checkpoint has none."""
-    from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_tokenizer
-    from gemma_jax.checkpoint.orbax import is_orbax_checkpoint
-    from gemma_jax.checkpoint.resolve import checkpoint_path
-    from gemma_jax.convert import open_source
-
     path = checkpoint_path(path)
     model = read_tokenizer(path / TOKENIZER_FILE) if is_orbax_checkpoint(path) else open_source(path).tokenizer
     return None if model is None else Tokenizer(model)

@@ -269,7 +269,7 @@ def _classify(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from gemma_jax import distributed
-    from gemma_jax.classify import run_classify_job
+    from gemma_jax.classify_job import run_classify_job
 
     start = time.perf_counter()
     model = _load_model(args)
@@ -310,7 +310,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from gemma_jax.convert import host_only
-    from gemma_jax.quant import quantize_checkpoint
+    from gemma_jax.quantize import quantize_checkpoint
 
     host_only()
     quantize_checkpoint(args.src, args.dst, scheme=args.scheme, dtype=args.dtype, calibration=args.calibration,
@@ -336,7 +336,7 @@ def _peak_rss_mib() -> float:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    from gemma_jax.config import GemmaConfig
+    from gemma_jax.models import preset
     from gemma_jax.plan import format_plan, plan
     from gemma_jax.sharding import parse_mesh_spec
 
@@ -345,7 +345,7 @@ def _plan(args: argparse.Namespace) -> None:
         raise ValueError(f"--mesh {args.mesh!r}: give every axis an explicit positive size")
     sizes = parse_mesh_spec(args.mesh, math.prod(sizes.values()))
     quant = "w8a16" if args.quant == "int8" else args.quant
-    result = plan(GemmaConfig.from_preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant)
+    result = plan(preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant)
     print(format_plan(result))
 
 

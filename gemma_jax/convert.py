@@ -1,14 +1,7 @@
 """`gemma-jax convert`: a checkpoint in one format to another, streamed tensor by tensor.
 
-Formats (SRC's is detected; `--to` names DST's):
-
-    hf                  Hugging Face directory: config.json, *.safetensors [+ index], tokenizer.model
-    compressed-tensors  the same, int8 W8A8 (config.json has a compressed-tensors quantization_config)
-    orbax               ours: gemma_config.json, params/ (Orbax), tokenizer.model (see checkpoint/orbax.py)
-    gemma-lib           Google's `gemma` library / Kaggle Flax checkpoint (source only; no config inside)
-    gguf                llama.cpp GGUF file (see checkpoint/gguf.py)
-
-Every reader opens SRC as a `TensorSource` (validating names, shapes and dtypes first) and every
+The formats are the checkpoint registry's (`gemma_jax/checkpoint/registry.py`: hf, compressed-tensors,
+orbax, gemma-lib (source only), gguf); SRC's is detected, `--to` names DST's. Every reader opens SRC as a `TensorSource` (validating names, shapes and dtypes first) and every
 writer pulls one tensor at a time from it into a temporary sibling of DST, renamed into place at
 the end; so memory stays near the largest tensor and DST is never seen half-written.
 """
@@ -25,20 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from tqdm import tqdm
 
-from gemma_jax.checkpoint.hf import (
-    CONFIG_FILE, TensorSource, hf_source, read_hf_config, write_hf,
-)  # fmt: skip
-from gemma_jax.checkpoint.names import TensorSpec
+from gemma_jax.checkpoint import TensorSource, TensorSpec, WriteOptions, open_source, read_hf_config, sources, targets
+from gemma_jax.checkpoint import write_checkpoint
+from gemma_jax.checkpoint.resolve import checkpoint_path
 from gemma_jax.checkpoint.staging import refuse_existing
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models import Config, preset
 
-SOURCES = ("hf", "compressed-tensors", "orbax", "gemma-lib", "gguf")
-TARGETS = ("hf", "compressed-tensors", "orbax", "gguf")
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32", "float32": "float32"}
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-_GGUF_MAGIC = b"GGUF"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,66 +44,6 @@ class Summary:
                 f"({rate:.0f} MB/s); peak RSS {self.peak_rss / 1e9:.2f} GB")  # fmt: skip
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
-    """The format of a checkpoint (one of SOURCES), from its files; reads no tensor data."""
-    from gemma_jax.checkpoint.compressed_tensors import is_compressed_tensors
-    from gemma_jax.checkpoint.gemma_lib import is_gemma_lib_checkpoint
-    from gemma_jax.checkpoint.orbax import is_orbax_checkpoint
-
-    p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as f:
-            if f.read(4) == _GGUF_MAGIC:
-                return "gguf"
-        raise ValueError(f"{p} is a file but not a GGUF file; the other formats are directories")
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if is_orbax_checkpoint(p):
-        return "orbax"
-    if (p / CONFIG_FILE).is_file():
-        return "compressed-tensors" if is_compressed_tensors(p) else "hf"
-    if is_gemma_lib_checkpoint(p):
-        return "gemma-lib"
-    raise ValueError(
-        f"cannot tell the format of {p}: expected a HF directory ({CONFIG_FILE}), one of our Orbax "
-        "directories (gemma_config.json), a gemma-library Orbax checkpoint or a .gguf file"
-    )
-
-
-def open_source(
-    path: str | os.PathLike[str],
-    *,
-    format: str | None = None,
-    dtype: str | None = None,
-    config: GemmaConfig | None = None,
-) -> TensorSource:
-    """Open any supported checkpoint for streaming. `format` defaults to `detect_format(path)`;
-    `dtype` ("bf16"/"f32", None: as stored) casts each tensor as read; `config` is for gemma-lib checkpoints."""
-    format = format or detect_format(path)
-    cast = _dtype(dtype)
-    if config is not None and format != "gemma-lib":
-        raise ValueError(f"a config can only be given for gemma-lib checkpoints; {path} is {format}")
-    if format == "hf":
-        return hf_source(path, dtype=cast)
-    if format == "compressed-tensors":
-        from gemma_jax.checkpoint.compressed_tensors import compressed_tensors_source
-
-        return compressed_tensors_source(path, dtype=cast)
-    if format == "orbax":
-        from gemma_jax.checkpoint.orbax import orbax_source
-
-        return orbax_source(path, dtype=cast)
-    if format == "gemma-lib":
-        from gemma_jax.checkpoint.gemma_lib import gemma_lib_source
-
-        return gemma_lib_source(path, config=config, dtype=cast)
-    if format == "gguf":
-        from gemma_jax.checkpoint.gguf import gguf_source
-
-        return gguf_source(path, dtype=cast)
-    raise ValueError(f"unknown source format {format!r}; choose one of {', '.join(SOURCES)}")
-
-
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -124,24 +52,22 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     source_format: str | None = None,
-    config: GemmaConfig | None = None,
+    config: Config | None = None,
     max_shard_bytes: int = 2**31,
     gguf_type: str | None = None,
     quiet: bool = False,
 ) -> Summary:
-    """Convert checkpoint `src` into a new checkpoint `dst` of format `to` (one of TARGETS).
+    """Convert checkpoint `src` into a new checkpoint `dst` of format `to` (one of `checkpoint.targets()`).
 
     `dtype` ("bf16"/"f32"; None keeps the stored dtypes) casts every tensor; `force` replaces an
     existing `dst` (atomically: a failed or killed conversion leaves the old one). `gguf_type`
     picks GGUF's tensor type (default: bf16 or f32, from the dtype). Unless `quiet`, shows a
     progress bar (bytes/s) and prints the summary line to stderr.
     """
-    from gemma_jax.checkpoint.resolve import checkpoint_path
-
     start = time.perf_counter()
     src, dst = checkpoint_path(src), Path(dst).expanduser()
-    if to not in TARGETS:
-        raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(TARGETS)}")
+    if to not in targets():
+        raise ValueError(f"unknown target format {to!r}; choose one of {', '.join(targets())}")
     if gguf_type is not None and (to != "gguf" or gguf_type not in GGUF_TYPES):
         raise ValueError(f"gguf_type is for --to gguf, one of {', '.join(GGUF_TYPES)}; got {gguf_type!r}")
     refuse_existing(dst, force)
@@ -149,11 +75,10 @@ def convert(
     if a == b or a in b.parents or b in a.parents:
         raise ValueError(f"source {src} and destination {dst} overlap")
     source = open_source(src, format=source_format, dtype=dtype, config=config)
-    from tqdm import tqdm
-
     with tqdm(total=source.nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{src.name} -> {to}",
               disable=quiet, file=sys.stderr) as bar:  # fmt: skip
-        _write(to, dst, _metered(source, bar.update), force, max_shard_bytes, gguf_type)
+        options = WriteOptions(overwrite=force, max_shard_bytes=max_shard_bytes, gguf_type=gguf_type)
+        write_checkpoint(to, dst, _metered(source, bar.update), options)
     summary = Summary(len(source.specs), source.nbytes, time.perf_counter() - start, peak_rss())
     if not quiet:
         print(summary, file=sys.stderr)
@@ -165,10 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="checkpoint to read: HF or compressed-tensors directory, our Orbax directory, "
                                     "gemma-library/Kaggle Flax checkpoint directory, .gguf file, or 'gemma3-270m'")  # fmt: skip
     parser.add_argument("dst", help="checkpoint to write (must not exist, unless --force)")
-    parser.add_argument("--to", required=True, choices=TARGETS, help="format of DST")
+    parser.add_argument("--to", required=True, choices=targets(), help="format of DST")
     parser.add_argument("--dtype", choices=["bf16", "f32"], help="cast every tensor (default: keep the stored dtypes)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST (atomically)")
-    parser.add_argument("--from", dest="source_format", choices=SOURCES, help="format of SRC (default: detected)")
+    parser.add_argument("--from", dest="source_format", choices=sources(), help="format of SRC (default: detected)")
     parser.add_argument("--config", help="gemma-library checkpoints only: a model preset (e.g. gemma2-9b) or a HF "
                                          "config.json directory (default: the preset matching the tensor shapes)")  # fmt: skip
     parser.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (hf, compressed-tensors)")
@@ -182,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
     config = None
     if args.config is not None:
         path = Path(args.config).expanduser()
-        config = read_hf_config(path) if path.is_dir() else GemmaConfig.from_preset(args.config)
+        config = read_hf_config(path) if path.is_dir() else preset(args.config)
     convert(args.src, args.dst, to=args.to, dtype=args.dtype, force=args.force, source_format=args.source_format,
             config=config, max_shard_bytes=int(args.max_shard_gb * 2**30), gguf_type=args.gguf_type,
             quiet=args.quiet)  # fmt: skip
@@ -207,12 +132,6 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def _dtype(name: str | None) -> str | None:
-    if name is not None and name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose bf16 or f32")
-    return None if name is None else DTYPES[name]
-
-
 def _metered(source: TensorSource, advance: Callable[[int], object]) -> TensorSource:
     """The same source, reporting each tensor's bytes to `advance` as it is read."""
 
@@ -222,22 +141,3 @@ def _metered(source: TensorSource, advance: Callable[[int], object]) -> TensorSo
         return x
 
     return dataclasses.replace(source, read=read)
-
-
-def _write(to: str, dst: Path, source: TensorSource, overwrite: bool, max_shard_bytes: int, gguf_type: str | None) -> None:
-    if to == "hf":
-        write_hf(dst, source, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    elif to == "compressed-tensors":
-        from gemma_jax.checkpoint.compressed_tensors import save_compressed_tensors
-
-        save_compressed_tensors(dst, source, max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-    elif to == "orbax":
-        from gemma_jax.checkpoint.orbax import save_orbax
-
-        save_orbax(dst, source, overwrite=overwrite)
-    else:
-        from gemma_jax.checkpoint.gguf import write_gguf
-
-        widest = max((np.dtype(d) for d in source.dtypes.values()), key=lambda d: d.itemsize)
-        kind = gguf_type or ("f32" if widest.itemsize == 4 else "bf16")
-        write_gguf(dst, source, type=kind, overwrite=overwrite)

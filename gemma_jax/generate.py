@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import CACHE_AXES, Cache, Transformer, init_cache
+from gemma_jax.models import Config, build, family_of, init_cache
 from gemma_jax.sampling import Sampler, check_seed
 from gemma_jax.sharding import Layout, activate, constrain, to_host
 
@@ -33,7 +32,7 @@ _MAX_STOP_IDS = 8
 
 
 class DecodeState(NamedTuple):
-    cache: Cache
+    cache: dict  # the family's KV cache (see models.init_cache)
     token: jax.Array  # [B] sampled, not yet emitted
     position: jax.Array  # [B] position of `token`
     count: jax.Array  # [B] tokens emitted so far
@@ -70,7 +69,7 @@ def check_max_new_tokens(max_new_tokens: int) -> int:
 
 
 def generate(
-    config: GemmaConfig,
+    config: Config,
     params: Any,
     prompts: list[list[int]],
     *,
@@ -143,20 +142,20 @@ def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, 
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         segments = (positions < lengths[:, None]).astype(jnp.int32)
         cache = init_cache(config, batch, cache_len, dtype)
-        model = Transformer(config, dtype, quant=quant)
+        model = build(config, dtype=dtype, quant=quant)
         logits, cache = model.apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
         count = jnp.zeros(batch, jnp.int32)
         token = _sample(sampler, logits, keys, count, sampling)
-        return _pin(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
+        return _pin(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys), family_of(config).cache_axes)
 
 
-def _pin(state: DecodeState) -> DecodeState:
+def _pin(state: DecodeState, cache_axes: dict) -> DecodeState:
     """Give every field of the state one fixed layout, so that `_decode` returns the state laid out as it
     received it and its next call reuses the compiled program (left to XLA, a data mesh came back with
     rows split where prefill had replicated them, and the second call recompiled the whole loop).
     done/stopped are read by every host after each call, so they stay replicated."""
     rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-    cache = {name: {k: constrain(x, CACHE_AXES[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
+    cache = {name: {k: constrain(x, cache_axes[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
     return DecodeState(cache, rows(state.token), rows(state.position), rows(state.count),
                        constrain(state.done, (None,)), constrain(state.stopped, (None,)), rows(state.keys))  # fmt: skip
 
@@ -164,7 +163,7 @@ def _pin(state: DecodeState) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
 def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, dtype, sampler, layout, quant, out_len):
     """Emit tokens and decode until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
-    model = Transformer(config, dtype, quant=quant)
+    model = build(config, dtype=dtype, quant=quant)
 
     def emit(state: DecodeState, out, i):
         is_stop = jnp.isin(state.token, sampling["stop_ids"])
@@ -194,4 +193,4 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, 
         cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
         _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
         state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
-        return _pin(state), constrain(out, (None, None))  # replicated: every host reads all
+        return _pin(state, family_of(config).cache_axes), constrain(out, (None, None))  # replicated: every host reads all

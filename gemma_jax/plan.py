@@ -20,8 +20,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from jax.sharding import AbstractMesh
 
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import CACHE_AXES, init_params, param_axes
+from gemma_jax.models import Config, family_of, init_params, param_axes
 from gemma_jax.sharding import AXES, RULE_SETS, Layout
 
 GiB = 2**30
@@ -92,7 +91,7 @@ def local_shape(layout: Layout, axes: Sequence[str | None], shape: Sequence[int]
 
 
 @functools.lru_cache(maxsize=8)
-def _params(config: GemmaConfig, quant: str | None) -> tuple[tuple[tuple[str, ...], tuple, tuple[int, ...], np.dtype], ...]:
+def _params(config: Config, quant: str | None) -> tuple[tuple[tuple[str, ...], tuple, tuple[int, ...], np.dtype], ...]:
     """(path, logical axes, shape, stored dtype or None for float) of every parameter, traced abstractly."""
     axes = flatten_dict(param_axes(config, quant))
     shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=quant)))
@@ -101,7 +100,7 @@ def _params(config: GemmaConfig, quant: str | None) -> tuple[tuple[tuple[str, ..
     return tuple((path, axes[path], tuple(shapes[path].shape), stored(path, shapes[path])) for path in sorted(axes))
 
 
-def device_param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
+def device_param_bytes(config: Config, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
     """(bytes, weight elements) per device, for the tree `gemma_jax.quant` makes: with `quant`, every projection
     and the tied embedding is int8 with f32 scales per output channel (per row for the embedding)."""
     total = elements = 0
@@ -112,23 +111,26 @@ def device_param_bytes(config: GemmaConfig, layout: Layout, dtype: np.dtype, qua
     return total, elements
 
 
-def _slots(config: GemmaConfig, kind: str, n: int) -> int:
+def _slots(config: Config, kind: str, n: int) -> int:
     """Cache slots (or keys within reach) of a layer at length n: sliding-window layers keep at most a window."""
     return min(config.sliding_window, n) if kind == "local" else n
 
 
-def _cache_bytes(config: GemmaConfig, layout: Layout, batch: int, seq: int, c: int, context: int | None = None) -> int:
-    """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32); with
-    `context`, only the min(context, slots) slots per layer that a decode step there must read."""
-    K, H = config.num_kv_heads, config.head_dim
-    k = math.prod(local_shape(layout, CACHE_AXES["k"], (batch, K, 1, H)))
-    v = math.prod(local_shape(layout, CACHE_AXES["v"], (batch, K, H, 1)))
-    pos = math.prod(local_shape(layout, CACHE_AXES["pos"], (batch, 1)))
-    n = sum(_slots(config, kind, seq if context is None else min(context, seq)) for kind in config.layer_kinds)
-    return n * ((k + v) * c + 4 * pos)
+def _cache_bytes(config: Config, layout: Layout, batch: int, seq: int, c: int, context: int | None = None) -> int:
+    """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32), from the family's
+    own cache traced abstractly; with `context`, only the min(context, slots) slots per layer that a decode
+    step there must read."""
+    family = family_of(config)
+    cache = jax.eval_shape(lambda: family.init_cache(config, batch, seq if context is None else min(context, seq)))
+    total = 0
+    for layer in cache.values():
+        for kind, leaf in layer.items():
+            n = math.prod(local_shape(layout, family.cache_axes[kind], leaf.shape))
+            total += n * (4 if kind == "pos" else c)
+    return total
 
 
-def prefill_peak(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
+def prefill_peak(config: Config, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
     """(peak activation bytes, attention FLOPs) per device for a one-shot prefill of T tokens.
 
     `generate` prefills an empty cache by attending within the prompt. Dense (XLA) attention
@@ -151,7 +153,7 @@ def prefill_peak(config: GemmaConfig, layout: Layout, batch: int, T: int, c: int
 
 
 def plan(
-    config: GemmaConfig,
+    config: Config,
     mesh_sizes: Mapping[str, int],
     *,
     chip: str,

@@ -24,11 +24,8 @@ input into up's output channels. On the real Gemma 3 270M this halves W8A8's KL 
 from __future__ import annotations
 
 import functools
-import os
-import sys
-import time
+import math
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,11 +34,10 @@ import numpy as np
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gemma_jax.config import GemmaConfig
 from gemma_jax.kernels import SCHEMES
 from gemma_jax.kernels.reference import INT8_MAX
 from gemma_jax.layers import Einsum
-from gemma_jax.model import Transformer, init_params
+from gemma_jax.models import Config, build, family_of, init_params
 
 Array = jax.Array
 ParamPath = tuple[str, ...]
@@ -65,7 +61,7 @@ def quantize_weight(w: Array, axes: tuple[int, ...], factors: tuple[Array, ...] 
 
 
 def quantize_params(
-    config: GemmaConfig, params: Any, scheme: str, *, calibration: np.ndarray | None = None, alpha: float = SMOOTH_ALPHA
+    config: Config, params: Any, scheme: str, *, calibration: np.ndarray | None = None, alpha: float = SMOOTH_ALPHA
 ) -> dict:
     """The int8 tree of a float param tree (see the module docstring). `scheme`: "w8a8" or "w8a16".
 
@@ -78,17 +74,17 @@ def quantize_params(
 
 
 def smoothing(
-    config: GemmaConfig, params: Any, scheme: str, calibration: np.ndarray | None, alpha: float = SMOOTH_ALPHA
+    config: Config, params: Any, scheme: str, calibration: np.ndarray | None, alpha: float = SMOOTH_ALPHA
 ) -> tuple[Factors, dict[ParamPath, Array]]:
     """SmoothQuant's (factors, norms) for `quantized_leaves`, from calibration tokens; none without them."""
-    _check(scheme, calibration is not None)
+    check_scheme(scheme, calibration is not None)
     if calibration is None:
         return {}, {}
     return smooth(config, params, input_absmax(config, params, calibration), alpha)
 
 
 def quantized_leaves(
-    config: GemmaConfig, read: Callable[[ParamPath], Array], scheme: str, factors: Factors = {}, norms: Mapping = {}
+    config: Config, read: Callable[[ParamPath], Array], scheme: str, factors: Factors = {}, norms: Mapping = {}
 ) -> Iterator[tuple[ParamPath, Array]]:
     """(path, leaf) of the int8 tree, reading each float param once through `read(path)`: streams a checkpoint.
 
@@ -112,20 +108,20 @@ def quantized_leaves(
         yield scale_path, scale
 
 
-def quantized_layout(config: GemmaConfig, scheme: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
+def quantized_layout(config: Config, scheme: str) -> dict[ParamPath, jax.ShapeDtypeStruct]:
     """Path -> shape and dtype of every leaf of the int8 tree (int8 weights, float32 scales, float norms)."""
-    _check(scheme)
+    check_scheme(scheme)
     return flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), quant=scheme)))
 
 
-def _check(scheme: str, calibrated: bool = False) -> None:
+def check_scheme(scheme: str, calibrated: bool = False) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if calibrated and scheme != "w8a8":
         raise ValueError("calibration (SmoothQuant) is for w8a8; w8a16 keeps activations in float")
 
 
-def input_absmax(config: GemmaConfig, params: Any, tokens: np.ndarray) -> dict[ParamPath, Array]:
+def input_absmax(config: Config, params: Any, tokens: np.ndarray) -> dict[ParamPath, Array]:
     """max |x| per input channel of every projection over calibration tokens [B T] (one row per call).
 
     Keyed by module path, e.g. ("layer_0", "attn", "o") -> [N H]: the einsum's contracted dims.
@@ -146,7 +142,7 @@ def input_absmax(config: GemmaConfig, params: Any, tokens: np.ndarray) -> dict[P
     def run(params, row):  # row [1 T]
         positions = jnp.arange(row.shape[1], dtype=jnp.int32)[None]
         with nn.intercept_methods(record):
-            _, state = Transformer(config).apply({"params": params}, row, positions, jnp.ones_like(row), mutable="intermediates")
+            _, state = build(config).apply({"params": params}, row, positions, jnp.ones_like(row), mutable="intermediates")
         return {path[:-1]: v for path, (v,) in flatten_dict(state["intermediates"]).items()}
 
     found: dict[ParamPath, Array] = {}
@@ -157,14 +153,23 @@ def input_absmax(config: GemmaConfig, params: Any, tokens: np.ndarray) -> dict[P
 
 
 def smooth(
-    config: GemmaConfig, params: Any, absmax: dict[ParamPath, Array], alpha: float = SMOOTH_ALPHA
+    config: Config, params: Any, absmax: dict[ParamPath, Array], alpha: float = SMOOTH_ALPHA
 ) -> tuple[Factors, dict[ParamPath, Array]]:
     """SmoothQuant, folded (see the module docstring): (factors per weight, replaced float32 norm scales).
 
-    Multiplying each weight by its factors and swapping in the norms gives the same float function.
+    Which parameter each projection's input division folds into is the schema's `smooth_from`: an
+    RMSNorm scale (one factor per input channel, shared by every projection that norm feeds), or
+    a projection whose output channels the input is linear in (o in v's, shared per KV group;
+    down in up's). Multiplying each weight by its factors and swapping in the norms gives the
+    same float function.
     """
     flat = flatten_dict(params)
-    K, G, H = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+    specs = family_of(config).tensor_specs(config).values()
+    by_path = {s.path: s for s in specs}
+    groups: dict[ParamPath, list] = {}  # the feeding parameter -> the projections reading it, in schema order
+    for s in specs:
+        if s.param.smooth_from is not None:
+            groups.setdefault(tuple(s.param.smooth_from.format(i=s.layer).split("/")), []).append(s)
     factors: dict[ParamPath, list[Array]] = {}
     norms: dict[ParamPath, Array] = {}
 
@@ -175,96 +180,27 @@ def smooth(
     def factor(x_max: Array, w_max: Array) -> Array:
         return jnp.where((x_max > 0) & (w_max > 0), x_max**alpha / w_max ** (1 - alpha), 1.0)
 
-    for i in range(config.num_layers):
-        layer = f"layer_{i}"
-        for norm, block, readers in (("pre_attn_norm", "attn", ("q", "k", "v")), ("pre_ffw_norm", "mlp", ("gate", "up"))):
-            paths = [(layer, block, name, "w") for name in readers]
-            s = factor(absmax[(layer, block, readers[0])], jnp.max(jnp.stack([input_max(p, 1) for p in paths]), axis=0))  # [D]
-            for p in paths:
-                factors.setdefault(p, []).append(s)  # [D]: the trailing (input) dim
-            scale = flat[(layer, norm, "scale")].astype(jnp.float32)
-            norms[(layer, norm, "scale")] = (1.0 + scale) / s - 1.0  # RMSNorm multiplies by (1 + w)
-        # o reads the attention output, linear in v: one factor per (kv head, head dim), shared by its G query heads.
-        o, v = (layer, "attn", "o", "w"), (layer, "attn", "v", "w")
-        s = factor(absmax[o[:-1]].reshape(K, G, H).max(1), input_max(o, 2).reshape(K, G, H).max(1))  # [K H]
-        factors.setdefault(o, []).append(jnp.repeat(s, G, axis=0))  # [N H]: o's input dims
-        factors.setdefault(v, []).append(1.0 / s[:, :, None])  # v's output dims
-        # down reads gelu(gate) * up, linear in up.
-        down, up = (layer, "mlp", "down", "w"), (layer, "mlp", "up", "w")
-        s = factor(absmax[down[:-1]], input_max(down, 1))  # [F]
-        factors.setdefault(down, []).append(s)
-        factors.setdefault(up, []).append(1.0 / s[:, None])
+    for fed_by, readers in groups.items():
+        n_in = readers[0].param.int8_in
+        x_max = absmax[readers[0].path[:-1]]  # the readers' shared input, over their contracted dims
+        w_max = jnp.max(jnp.stack([input_max(r.path, n_in) for r in readers]), axis=0)
+        source = by_path[fed_by]
+        if source.param.norm is not None:  # a norm: divide its output channels
+            s = factor(x_max, w_max)
+            scale = flat[fed_by].astype(jnp.float32)
+            norms[fed_by] = (1.0 + scale) / s - 1.0 if source.param.norm == "zero_centred" else scale / s
+        else:  # a projection's output channels, each read by G input channels of the readers (G query heads per KV head)
+            out = source.shape[: len(source.shape) - source.param.int8_in]
+            G = x_max.size // math.prod(out)
+            grouped = lambda a: a.reshape(out[0], G, *out[1:]).max(1)
+            s_out = factor(grouped(x_max), grouped(w_max))
+            s = jnp.repeat(s_out, G, axis=0).reshape(x_max.shape)
+            factors.setdefault(fed_by, []).append(1.0 / s_out.reshape(*out, *(1,) * source.param.int8_in))
+        for r in readers:
+            factors.setdefault(r.path, []).append(s)  # the trailing (input) dims
     return {p: tuple(f) for p, f in factors.items()}, norms
 
 
 def tree_bytes(tree: Any) -> int:
     """Bytes held by a pytree of arrays (what a checkpoint of it stores, before file overheads)."""
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def quantize_checkpoint(
-    src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
-    *,
-    scheme: str,
-    dtype: str = "bfloat16",
-    calibration: str | os.PathLike[str] | None = None,
-    calibration_tokens: int = 1024,
-    ctx: int = 512,
-    alpha: float = SMOOTH_ALPHA,
-    force: bool = False,
-    quiet: bool = False,
-) -> str:
-    """`gemma-jax quantize`: any checkpoint -> an int8 Orbax checkpoint of ours; returns the summary line.
-
-    Without calibration the source streams one tensor at a time (memory: about the largest
-    tensor). With a `calibration` text file (W8A8: SmoothQuant) the float model is held in memory
-    to measure activations on `calibration_tokens` tokens of it, in rows of `ctx`. Non-int8
-    leaves (norms) keep `dtype` (SmoothQuant's rescaled norms: float32); scales are float32.
-    `gemma_jax.load(dst, mesh=...)` restores the result sharded.
-    """
-    from tqdm import tqdm
-
-    from gemma_jax.checkpoint.hf import collect
-    from gemma_jax.checkpoint.orbax import write_orbax
-    from gemma_jax.checkpoint.resolve import checkpoint_path
-    from gemma_jax.checkpoint.staging import refuse_existing
-    from gemma_jax.convert import open_source, peak_rss
-    from gemma_jax.tokenizer import Tokenizer
-
-    start = time.perf_counter()
-    refuse_existing(Path(dst), force)
-    _check(scheme, calibration is not None)  # before any tensor is read
-    if scheme == "w8a8" and calibration is None and not quiet:
-        print("note: W8A8 without --calibration skips SmoothQuant; on Gemma 3 270M that cost +2.9% perplexity "
-              "instead of +0.8-1.4% (benchmarks/quant_quality.py)", file=sys.stderr)  # fmt: skip
-    source = open_source(checkpoint_path(src), dtype=dtype)
-    config, specs = source.config, {s.path: s for s in source.specs.values()}
-    factors, norms = {}, {}
-    if calibration is None:
-        read = lambda path: source.read(specs[path])
-    else:
-        if source.tokenizer is None:
-            raise ValueError(f"{src} has no tokenizer.model to encode the calibration text {calibration} with")
-        ids = Tokenizer(source.tokenizer).encode(Path(calibration).read_text(encoding="utf-8"), add_bos=True)
-        rows = min(calibration_tokens, len(ids)) // ctx
-        if rows == 0:
-            raise ValueError(f"calibration text {calibration} has {len(ids)} tokens; at least --ctx={ctx} are needed")
-        params = collect(source, lambda _, x: jnp.asarray(x))
-        factors, norms = smoothing(config, params, scheme, np.asarray(ids[: rows * ctx]).reshape(rows, ctx), alpha)
-        read = flatten_dict(params).__getitem__
-    leaves = quantized_leaves(config, read, scheme, factors, norms)
-    total, written = len(quantized_layout(config, scheme)), [0]
-
-    def metered(items: Iterator[tuple[ParamPath, Array]]) -> Iterator[tuple[ParamPath, Array]]:
-        for path, x in tqdm(items, total=total, unit="tensor", desc=f"quantize {scheme}", disable=quiet, file=sys.stderr):
-            written[0] += x.nbytes
-            yield path, x
-
-    write_orbax(dst, config, metered(leaves), source.tokenizer, quant=scheme, overwrite=force)
-    seconds = time.perf_counter() - start
-    line = (f"quantized {src} ({scheme}{', SmoothQuant' if calibration else ''}): {source.nbytes / 1e9:.2f} GB -> "
-            f"{written[0] / 1e9:.2f} GB ({written[0] / source.nbytes:.0%}) in {seconds:.1f} s; peak RSS {peak_rss() / 1e9:.2f} GB")  # fmt: skip
-    if not quiet:
-        print(line, file=sys.stderr)
-    return line

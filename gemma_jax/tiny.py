@@ -15,8 +15,9 @@ import jax
 import numpy as np
 
 from gemma_jax.compile_cache import cache_root
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import init_params
+from gemma_jax.checkpoint.hf import save_hf
+from gemma_jax.models import init_params
+from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.tokenizer import train_sentencepiece
 
 TINY_NAME = "tiny"
@@ -33,8 +34,6 @@ def tiny_config(vocab_size: int) -> GemmaConfig:
 
 def tiny_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """Path of the tiny demo checkpoint, creating it (atomically) on first use."""
-    from gemma_jax.checkpoint.hf import save_hf
-
     root = Path(cache_dir) if cache_dir else cache_root()
     target = root / "tiny-gemma2-random-v2"
     if target.is_dir():

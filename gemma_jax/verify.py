@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 
+from gemma_jax.checkpoint import detect_format, open_source
+from gemma_jax.checkpoint.orbax import verify_orbax
+from gemma_jax.checkpoint.resolve import checkpoint_path
+
 
 def verify(path: str | os.PathLike[str]) -> str:
     """The report line for checkpoint `path` (a path or a name `gemma_jax.load` knows); ValueError if damaged."""
-    from gemma_jax.checkpoint.orbax import verify_orbax
-    from gemma_jax.checkpoint.resolve import checkpoint_path
-    from gemma_jax.convert import detect_format, open_source
-
     path = checkpoint_path(path)
     format = detect_format(path)
     if format == "orbax":

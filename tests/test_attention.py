@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, use_attention
-from gemma_jax.model import Transformer, init_params, param_axes
+from gemma_jax.models.gemma.model import Transformer
+from gemma_jax.models import init_params, param_axes
 from gemma_jax.sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
 
 CONFIG = GemmaConfig(

@@ -21,8 +21,10 @@ from gemma_jax.api import Gemma
 from gemma_jax.checkpoint import params_source
 from gemma_jax.checkpoint.hf import locate_tensors, read_tensor
 from gemma_jax.checkpoint.orbax import load_orbax, read_orbax_config, save_orbax
-from gemma_jax.convert import add_arguments, convert, detect_format, run
-from gemma_jax.model import logical_axes
+from gemma_jax.convert import add_arguments, convert, run
+from gemma_jax.checkpoint import detect_format
+from gemma_jax.models.gemma import FAMILY
+logical_axes = FAMILY.logical_axes
 from gemma_jax.sharding import RULE_SETS, Layout, make_mesh
 
 SHARD = 30_000  # bytes: several safetensors shards even for these tiny models

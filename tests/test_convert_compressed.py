@@ -18,7 +18,8 @@ from test_convert import assert_same_bits, hf_tensors
 
 from gemma_jax.api import Gemma
 from gemma_jax.checkpoint.compressed_tensors import load_compressed_tensors
-from gemma_jax.convert import convert, detect_format
+from gemma_jax.convert import convert
+from gemma_jax.checkpoint import detect_format
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")  # our dequantize=True

@@ -21,8 +21,9 @@ from test_convert import assert_same_bits, hf_tensors
 
 from gemma_jax import configs
 from gemma_jax.checkpoint.gemma_lib import match_preset
-from gemma_jax.config import GemmaConfig
-from gemma_jax.convert import convert, detect_format
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.convert import convert
+from gemma_jax.checkpoint import detect_format
 
 PAD_ROWS = 27  # Google's embeddings have unused rows past HF's vocab (256128 vs 256000)
 CASES = {  # name: (model_type, config overrides, gating transposed, Kaggle's flat layout, dtype)

@@ -21,8 +21,9 @@ import pytest
 
 from gemma_jax.checkpoint import params_source, tensor_specs, write_hf
 from gemma_jax.checkpoint.orbax import PARAMS_DIR, save_orbax
-from gemma_jax.config import GemmaConfig
-from gemma_jax.convert import convert, open_source
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.convert import convert
+from gemma_jax.checkpoint import open_source
 
 # ~70 MB in float32: long enough (with small Orbax groups) for kills to land in every phase.
 CONFIG = GemmaConfig(

@@ -44,7 +44,7 @@ _WORKER = r"""
 import functools, json, resource, sys, traceback
 import jax, jax.numpy as jnp, numpy as np
 from gemma_jax.checkpoint.resolve import open_checkpoint
-from gemma_jax.model import Transformer
+from gemma_jax.models.gemma.model import Transformer
 
 @functools.cache
 def forward(config):

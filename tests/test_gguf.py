@@ -23,10 +23,10 @@ import torch
 import transformers
 
 from gemma_jax.checkpoint.gguf import GGUFFileReader, load_gguf, save_gguf
-from gemma_jax.checkpoint.names import tensor_specs
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models import tensor_specs
+from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.generate import generate
-from gemma_jax.model import Transformer
+from gemma_jax.models.gemma.model import Transformer
 from gemma_jax.sampling import Sampler
 from gemma_jax.tokenizer import Tokenizer, train_sentencepiece
 

@@ -14,7 +14,7 @@ import transformers
 
 from conftest import make_hf_model
 from gemma_jax.api import load
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.models.heads import MULTI, REGRESSION, SEQUENCE, SINGLE, TOKEN, Head, pool_index
 
 ARCH = {

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from conftest import tiny_tokenizer_model
 from gemma_jax.checkpoint import expected_hf_shapes, load_hf, save_hf
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 
 V, D, F, N, H = 128, 32, 64, 4, 16
 SHARD = 20_000  # bytes: forces several shards for these tiny models

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer, init_cache, init_params, param_axes
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.models.gemma.model import Transformer, init_cache
+from gemma_jax.models import init_params, param_axes
 from gemma_jax.kernels import dispatch, gpu, int8_einsum, quantize_rows, reference, resolve_backend, split_of, tpu, use_backend
 from gemma_jax.kernels import w8a8_matmul, w8a16_matmul
 

@@ -35,8 +35,8 @@ import pytest
 import gemma_jax
 from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
 from gemma_jax.checkpoint.resolve import packaged_gemma3_270m
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.models.gemma.model import Transformer
 from gemma_jax.perplexity import perplexity
 from gemma_jax.tokenizer import Tokenizer
 from test_gguf import CORPUS, _forward, _tiny  # same-directory test module (pytest puts tests/ on sys.path)

@@ -25,7 +25,7 @@ from gemma_jax.checkpoint.compressed_tensors import compressed_tensors_source, s
 from gemma_jax.checkpoint.gguf import write_gguf
 from gemma_jax.checkpoint.hf import hf_source, load_hf, read_hf_config
 from gemma_jax.checkpoint.resolve import open_checkpoint
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma import GemmaConfig
 
 
 @pytest.fixture

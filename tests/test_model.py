@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gemma_jax
-from gemma_jax.model import Transformer, init_cache
+from gemma_jax.models.gemma.model import Transformer, init_cache
 
 # (model_type, config overrides, weight scale): GQA ratio 1, 2 and 4 (MQA); big weights push
 # attention logits past the 50 cap and final logits past the 30 cap.

@@ -13,8 +13,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import gemma_jax
 from gemma_jax.api import Gemma
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer, init_cache, init_params, param_axes
+from gemma_jax.models.gemma import GemmaConfig
+from gemma_jax.models.gemma.model import Transformer, init_cache
+from gemma_jax.models import init_params, param_axes
 from gemma_jax.quant import input_absmax, quantize_params, quantize_weight, smooth
 from gemma_jax.tiny import tiny_config
 from gemma_jax.kernels import use_backend

@@ -15,7 +15,8 @@ import pytest
 import gemma_jax
 from gemma_jax.checkpoint.hf import read_hf_config
 from gemma_jax.convert import convert
-from gemma_jax.quant import quantize_checkpoint, quantize_params
+from gemma_jax.quant import quantize_params
+from gemma_jax.quantize import quantize_checkpoint
 from gemma_jax.sharding import make_mesh
 from conftest import make_hf_model
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import gemma_jax
-from gemma_jax.quant import quantize_checkpoint
+from gemma_jax.quantize import quantize_checkpoint
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.run import finetune
 

@@ -23,7 +23,7 @@ import transformers
 
 import gemma_jax
 from gemma_jax.checkpoint.orbax import load_orbax
-from gemma_jax.model import Transformer
+from gemma_jax.models.gemma.model import Transformer
 from gemma_jax.quant import quantize_params
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train import lora as lora_lib

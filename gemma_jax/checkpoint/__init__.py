@@ -1,15 +1,16 @@
-"""Checkpoint conversion between Hugging Face safetensors and our parameter pytree.
+"""Checkpoint formats, each read as a streaming `TensorSource` and written from one.
 
-Every format is read as a `TensorSource` (config + tensors read one at a time) and written from
-one; see `gemma_jax.convert` for the formats and the converter joining them.
+Importing this package registers every format (`registry.py`); `registry.open_source`,
+`registry.detect_format` and `registry.write_checkpoint` are how the rest of gemma_jax reaches them.
 """
 
-from gemma_jax.checkpoint.hf import (
-    TensorSource, collect, hf_source, load_hf, params_source, read_hf_config, save_hf, write_hf,
-)  # fmt: skip
-from gemma_jax.checkpoint.names import TensorSpec, expected_hf_shapes, tensor_specs
+from gemma_jax.checkpoint import compressed_tensors, gemma_lib, gguf, hf, orbax  # noqa: F401  -- registers each format
+from gemma_jax.checkpoint.hf import expected_hf_shapes, hf_source, load_hf, read_hf_config, save_hf, write_hf
+from gemma_jax.checkpoint.registry import WriteOptions, detect_format, open_source, sources, targets, write_checkpoint
+from gemma_jax.checkpoint.source import TensorSource, collect, params_source
+from gemma_jax.models import TensorSpec, tensor_specs
 
 __all__ = [
-    "TensorSource", "TensorSpec", "collect", "expected_hf_shapes", "hf_source", "load_hf", "params_source",
-    "read_hf_config", "save_hf", "tensor_specs", "write_hf",
+    "TensorSource", "TensorSpec", "WriteOptions", "collect", "detect_format", "expected_hf_shapes", "hf_source", "load_hf", "open_source",
+    "params_source", "read_hf_config", "save_hf", "sources", "targets", "tensor_specs", "write_checkpoint", "write_hf",
 ]  # fmt: skip

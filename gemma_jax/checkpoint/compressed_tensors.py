@@ -27,11 +27,13 @@ import numpy.typing as npt
 import re2
 
 from gemma_jax.checkpoint.hf import (
-    CONFIG_FILE, TOKENIZER_FILE, FLOAT_DTYPES, Put, Shape, TensorSource, check_tree, collect, hf_config, locate_tensors,
-    read_hf_config, read_json, read_tensor, read_tokenizer, write_hf_dir,
+    CONFIG_FILE, TOKENIZER_FILE, hf_config, locate_tensors, read_hf_config, read_json, read_tensor, read_tokenizer,
+    write_hf_dir,
 )  # fmt: skip
-from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
-from gemma_jax.config import GemmaConfig
+from gemma_jax.checkpoint.registry import Format, register
+from gemma_jax.checkpoint.source import FLOAT_DTYPES, Put, Shape, TensorSource, collect
+from gemma_jax.models import Config, TensorSpec, tensor_specs
+from gemma_jax.models.family import check_layer_count, check_shapes
 from gemma_jax.tokenizer import Tokenizer
 
 QUANT_METHOD, FORMAT = "compressed-tensors", "int-quantized"
@@ -72,7 +74,7 @@ def compressed_tensors_source(path: str | os.PathLike[str], *, dtype: npt.DTypeL
     specs = tensor_specs(config)
     quantized = _quantized(root / CONFIG_FILE, specs)
     stored = {name: entry for s in specs.values() for name, entry in _stored(s, s.hf_name in quantized).items()}
-    check_tree({name: loc.shape for name, loc in located.items()}, {name: shape for name, (shape, _) in stored.items()},
+    check_shapes({name: loc.shape for name, loc in located.items()}, {name: shape for name, (shape, _) in stored.items()},
                f"{root} (compressed-tensors W8A8)")  # fmt: skip
     for name, (_, kind) in stored.items():
         if located[name].dtype not in ((INT8,) if kind == "int8" else FLOAT_DTYPES):
@@ -94,7 +96,7 @@ def compressed_tensors_source(path: str | os.PathLike[str], *, dtype: npt.DTypeL
 
 def load_compressed_tensors(
     path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, put: Put | None = None
-) -> tuple[GemmaConfig, dict[str, Any], Tokenizer | None]:
+) -> tuple[Config, dict[str, Any], Tokenizer | None]:
     """Load a W8A8 compressed-tensors checkpoint as (config, dequantized params, tokenizer); `put` as in `load_hf`."""
     source = compressed_tensors_source(path, dtype=dtype)
     params = collect(source, put)
@@ -189,3 +191,11 @@ def _matcher(file: Path, pattern: str) -> Callable[[str], bool]:
     except re2.error as e:
         raise ValueError(f"{file}: ignore pattern {pattern!r} is not a regex RE2 can run ({e})") from e
     return lambda module: regex.match(module) is not None
+
+
+register(Format(
+    "compressed-tensors", "the same, int8 W8A8 (config.json has a compressed-tensors quantization_config)",
+    is_compressed_tensors, compressed_tensors_source,
+    lambda dst, source, o: save_compressed_tensors(dst, source, max_shard_bytes=o.max_shard_bytes, overwrite=o.overwrite),
+    refines="hf",
+))  # fmt: skip

@@ -4,17 +4,16 @@ A GGUF file holds the weights, the hyper-parameters (as metadata keys) and the t
 (as token/score/type arrays). The conventions below were checked against the real Gemma 3
 270M GGUF (logit parity with `transformers`) and llama.cpp's converter (`convert_hf_to_gguf.py`):
 
-- Names: our HF-named table (`names.tensor_specs`) mapped through gguf's own `TensorNameMap`,
-  the map llama.cpp's converter uses; so both directions derive from names.py and cannot drift.
+- Names: the model family's schema gives each tensor's GGUF name beside its HF name (the names of
+  gguf's own `TensorNameMap`, which llama.cpp's converter uses); both directions read it.
 - Layout: GGUF lists dimensions fastest-first (ggml's `ne`); in numpy (C) order a tensor is
   exactly HF's (`[out, in]` for projections, `[V, D]` for the embedding), so `TensorSpec`
   converts it. Gemma's q/k are not permuted (llama.cpp permutes only llama-family RoPE).
-- Every RMSNorm weight (HF names ending in "norm.weight", Gemma 3's q/k norms included) is
-  stored as `w + 1`, since llama.cpp multiplies by the weight where Gemma uses `1 + w`.
-- What GGUF does not record is set as llama.cpp sets it: the sliding-window layer pattern
-  (Gemma 2: every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base (10000),
-  and `query_pre_attn_scalar` (head_dim, except embed/heads for the 27B layer counts). Saving
-  refuses a config that a reload (or llama.cpp) would read back differently.
+- Every zero-centred RMSNorm weight (the schema's `norm="zero_centred"`, Gemma 3's q/k norms
+  included) is stored as `w + 1`, since llama.cpp multiplies by the weight where Gemma uses `1 + w`.
+- Hyper-parameters <-> metadata keys are the family's (`models/<family>/gguf_meta.py`), including
+  what GGUF does not record. Saving refuses a config that a reload (or llama.cpp) would read back
+  differently.
 """
 
 from __future__ import annotations
@@ -33,18 +32,14 @@ import numpy.typing as npt
 from gguf import GGMLQuantizationType as Q
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from gemma_jax.checkpoint.hf import Put, TensorSource, collect, listing, params_source
-from gemma_jax.checkpoint.names import TensorSpec, check_layer_count, tensor_specs
+from gemma_jax.checkpoint.registry import Format, WriteOptions, register
+from gemma_jax.checkpoint.source import Put, TensorSource, collect, params_source
 from gemma_jax.checkpoint.staging import refuse_existing, staged_file
-from gemma_jax.config import ConfigError, GemmaConfig
+from gemma_jax.models import FAMILIES, Config, Family, TensorSpec, family_of
+from gemma_jax.models.family import check_layer_count, listing
 from gemma_jax.tokenizer import Tokenizer
 
 SaveType = Literal["f32", "f16", "bf16", "q8_0"]
-_ARCH = {"gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}  # our model_type -> llama.cpp arch
-_MODEL_TYPE = {arch: model_type for model_type, arch in _ARCH.items()}
-_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp set_swa_pattern(n): layer i is global iff i % n == n - 1
-_LAYERS_27B = {"gemma2": 46, "gemma3": 62}  # llama.cpp picks the 27B attention scale by layer count
-_LOCAL_ROPE_BASE = 10_000.0  # llama.cpp's fixed rope_freq_base_train_swa for Gemma 3
 _SAVE = {  # type -> (GGML type of matrices, general.file_type)
     "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -52,16 +47,7 @@ _SAVE = {  # type -> (GGML type of matrices, general.file_type)
     "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 _PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token types (1 normal ... 6 byte)
-_REQUIRED = object()
-_GGUF_KEY = {  # our config field -> the metadata key it comes from, for error messages
-    "vocab_size": "tokenizer.ggml.tokens", "embed_dim": "{arch}.embedding_length", "num_layers": "{arch}.block_count",
-    "num_heads": "{arch}.attention.head_count", "num_kv_heads": "{arch}.attention.head_count_kv",
-    "head_dim": "{arch}.attention.key_length", "mlp_dim": "{arch}.feed_forward_length",
-    "max_position": "{arch}.context_length", "rope_base": "{arch}.rope.freq_base", "rope_scale": "{arch}.rope.scaling.factor",
-    "rms_norm_eps": "{arch}.attention.layer_norm_rms_epsilon", "sliding_window": "{arch}.attention.sliding_window",
-    "attn_logit_softcap": "{arch}.attn_logit_softcapping", "final_logit_softcap": "{arch}.final_logit_softcapping",
-    "pad_id": "tokenizer.ggml.padding_token_id", "eos_id": "tokenizer.ggml.eos_token_id", "bos_id": "tokenizer.ggml.bos_token_id",
-}  # fmt: skip
+
 
 
 def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
@@ -80,7 +66,7 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
     except Exception as e:  # GGUFReader signals malformed input with assorted error types
         raise ValueError(f"{file}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
     try:
-        config = _config_from_metadata(meta)
+        config = _family_for_arch(meta.get("general.architecture")).gguf.config_from_metadata(meta)
         tokenizer = _tokenizer_from_metadata(meta)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
@@ -134,7 +120,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64)
 
 def load_gguf(
     path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None, put: Put | None = None
-) -> tuple[GemmaConfig, dict[str, Any], Tokenizer]:
+) -> tuple[Config, dict[str, Any], Tokenizer]:
     """A whole GGUF as (config, params, tokenizer); `put(path, array)` may place each tensor as it is made."""
     source = gguf_source(path, dtype=dtype)
     return source.config, collect(source, put), Tokenizer(source.tokenizer)
@@ -142,7 +128,7 @@ def load_gguf(
 
 def save_gguf(
     path: str | os.PathLike[str],
-    config: GemmaConfig,
+    config: Config,
     params: Mapping[str, Any],
     tokenizer: Tokenizer,
     *,
@@ -164,14 +150,15 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
     refuse_existing(dest, overwrite)
     if type not in _SAVE:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(_SAVE)}")
-    if config.model_type not in _ARCH:
+    family = family_of(config)
+    if family.gguf is None or config.model_type not in family.gguf.ARCHS:
         raise ValueError(f"model_type {config.model_type!r} has no GGUF architecture")
     if not config.head.is_lm:  # llama.cpp has no tensor name for a classifier's score head
         raise ValueError(f"GGUF holds causal LMs only; this is a {config.head.task} checkpoint (convert it to hf or orbax)")
     if source.tokenizer is None:
         raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
-    meta = _metadata_for(config, Tokenizer(source.tokenizer), type)
-    _check_representable(config, _config_from_metadata(meta))
+    meta = _metadata_for(family, config, Tokenizer(source.tokenizer), type)
+    _check_representable(config, family.gguf.config_from_metadata(meta), meta["general.architecture"])
     specs = _gguf_specs(config)
     qtypes = {spec.hf_name: _storage_type(spec, _SAVE[type][0]) for spec in specs.values()}
 
@@ -198,16 +185,26 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
 # --- names, types, validation ----------------------------------------------------------------
 
 
-def _gguf_specs(config: GemmaConfig) -> dict[str, TensorSpec]:
-    """GGUF tensor name -> spec: names.py's HF names through llama.cpp's own name map."""
-    arch = next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == _ARCH[config.model_type])
-    names = gguf.get_tensor_name_map(arch, config.num_layers)
-    return {names.get_name(hf, try_suffixes=(".weight",)): spec for hf, spec in tensor_specs(config).items()}
+def _gguf_specs(config: Config) -> dict[str, TensorSpec]:
+    """GGUF tensor name -> spec, from the family's schema."""
+    specs = family_of(config).tensor_specs(config)
+    unnamed = [s.hf_name for s in specs.values() if s.gguf_name is None]
+    if unnamed:
+        raise ValueError(f"{config.model_type} tensors {listing(unnamed)} have no GGUF name")
+    return {s.gguf_name: s for s in specs.values()}
+
+
+def _family_for_arch(arch: Any) -> Family:
+    for family in FAMILIES:
+        if family.gguf is not None and arch in family.gguf.ARCHS.values():
+            return family
+    known = [a for f in FAMILIES if f.gguf is not None for a in f.gguf.ARCHS.values()]
+    raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(known)}")
 
 
 def _is_norm(spec: TensorSpec) -> bool:
-    """llama.cpp's converter adds 1 to every HF tensor named like this (Gemma 1/2/3 alike)."""
-    return spec.hf_name.endswith("norm.weight")
+    """llama.cpp's converter adds 1 to every zero-centred RMSNorm weight (it multiplies by w, Gemma by 1 + w)."""
+    return spec.param.norm == "zero_centred"
 
 
 def _storage_type(spec: TensorSpec, qtype: Q) -> Q:
@@ -286,98 +283,23 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     }
 
 
-def _config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
-    """The config llama.cpp would run for this metadata (its defaults where a key is absent)."""
-    arch = meta.get("general.architecture")
-    if arch not in _MODEL_TYPE:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(_MODEL_TYPE)}")
-
-    def get(name: str, default: Any = _REQUIRED) -> Any:
-        value = meta.get(f"{arch}.{name}", default)
-        if value is _REQUIRED:
-            raise ValueError(f"metadata lacks {arch}.{name}")
-        return value
-
-    if "tokenizer.ggml.tokens" not in meta:
-        raise ValueError("metadata has no tokenizer (tokenizer.ggml.tokens)")
-    scaling, factor = get("rope.scaling.type", "none"), get("rope.scaling.factor", 1.0)
-    if scaling not in ("none", "linear") or (factor != 1.0 and arch != "gemma3"):
-        raise ValueError(f"unsupported RoPE scaling {scaling!r} x{factor} for {arch}")
-    try:
-        embed, heads, layers = get("embedding_length"), get("attention.head_count"), get("block_count")
-        divisible = all(isinstance(n, int) and n > 0 for n in (embed, heads))  # else GemmaConfig says which is not
-        head_dim = get("attention.key_length", embed // heads if divisible else None)
-        # llama.cpp: Gemma 1 has no sliding window, Gemma 2 defaults to 4096, Gemma 3 without one is all global.
-        window = get("attention.sliding_window", 4096 if arch == "gemma2" else 0) if arch in _SWA_PERIOD else 0
-        period = _SWA_PERIOD[arch] if window else 1
-        return GemmaConfig(
-            model_type=_MODEL_TYPE[arch],
-            vocab_size=len(meta["tokenizer.ggml.tokens"]),
-            embed_dim=embed,
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=get("attention.head_count_kv", heads),
-            head_dim=head_dim,
-            mlp_dim=get("feed_forward_length"),
-            query_pre_attn_scalar=embed // heads if divisible and layers == _LAYERS_27B.get(arch) else head_dim,
-            layer_pattern=("local",) * (period - 1) + ("global",),
-            sliding_window=window or None,
-            attn_logit_softcap=get("attn_logit_softcapping", 50.0) if arch == "gemma2" else None,
-            final_logit_softcap=get("final_logit_softcapping", 30.0 if arch == "gemma2" else 0.0) or None,
-            use_post_norms=arch != "gemma",
-            use_qk_norm=arch == "gemma3",
-            max_position=get("context_length"),
-            rope_base=get("rope.freq_base", 10_000.0),
-            rope_local_base=_LOCAL_ROPE_BASE if arch == "gemma3" else None,
-            rope_scale=factor,
-            rms_norm_eps=get("attention.layer_norm_rms_epsilon"),
-            pad_id=meta.get("tokenizer.ggml.padding_token_id", 0),
-            eos_id=meta.get("tokenizer.ggml.eos_token_id", 1),
-            bos_id=meta.get("tokenizer.ggml.bos_token_id", 2),
-        )
-    except ConfigError as e:  # name the metadata key, not our field
-        raise ConfigError(_GGUF_KEY.get(e.field, e.field).format(arch=arch), e.problem) from None
-    except TypeError as e:  # e.g. a per-layer array where Gemma has one number
-        raise ValueError(f"metadata does not describe a Gemma model: {e}") from e
-
-
-def _metadata_for(config: GemmaConfig, tokenizer: Tokenizer, type: SaveType) -> dict[str, Any]:
-    """The metadata llama.cpp's converter writes for this model (key names as in `gguf.Keys`)."""
-    arch = _ARCH[config.model_type]
-    meta: dict[str, Any] = {
-        "general.architecture": arch,
-        "general.file_type": int(_SAVE[type][1]),
-        "general.quantization_version": gguf.GGML_QUANT_VERSION,
-        f"{arch}.context_length": config.max_position,
-        f"{arch}.embedding_length": config.embed_dim,
-        f"{arch}.block_count": config.num_layers,
-        f"{arch}.feed_forward_length": config.mlp_dim,
-        f"{arch}.attention.head_count": config.num_heads,
-        f"{arch}.attention.head_count_kv": config.num_kv_heads,
-        f"{arch}.attention.key_length": config.head_dim,
-        f"{arch}.attention.value_length": config.head_dim,
-        f"{arch}.attention.layer_norm_rms_epsilon": _f32(config.rms_norm_eps),
-        f"{arch}.rope.freq_base": _f32(config.rope_base),
-    }
-    if arch != "gemma" and config.sliding_window:
-        meta[f"{arch}.attention.sliding_window"] = config.sliding_window
-    caps = {"attn_logit_softcapping": config.attn_logit_softcap, "final_logit_softcapping": config.final_logit_softcap}
-    meta |= {f"{arch}.{key}": _f32(value) for key, value in caps.items() if value}
-    if config.rope_scale != 1.0:
-        meta |= {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": _f32(config.rope_scale)}
+def _metadata_for(family: Family, config: Config, tokenizer: Tokenizer, type: SaveType) -> dict[str, Any]:
+    """Everything llama.cpp's converter writes: general.*, the family's hyper-parameters, the tokenizer."""
     if (config.bos_id, config.eos_id, config.pad_id) != (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id):
         raise ValueError("config and tokenizer disagree on the bos/eos/pad ids")
-    return meta | _tokenizer_metadata(tokenizer, config.vocab_size)
+    general = {"general.architecture": family.gguf.ARCHS[config.model_type], "general.file_type": int(_SAVE[type][1]),
+               "general.quantization_version": gguf.GGML_QUANT_VERSION}  # fmt: skip
+    return general | family.gguf.metadata_for(config) | _tokenizer_metadata(tokenizer, config.vocab_size)
 
 
-def _check_representable(config: GemmaConfig, restored: GemmaConfig) -> None:
+def _check_representable(config: Config, restored: Config, arch: str) -> None:
     diffs = [
         f"{f.name}={getattr(config, f.name)!r} (GGUF gives {getattr(restored, f.name)!r})"
         for f in dataclasses.fields(config)
         if getattr(config, f.name) != getattr(restored, f.name)
     ]
     if diffs:
-        raise ValueError(f"GGUF ({_ARCH[config.model_type]}) cannot represent this config: {'; '.join(diffs)}")
+        raise ValueError(f"GGUF ({arch}) cannot represent this config: {'; '.join(diffs)}")
 
 
 def _add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
@@ -458,3 +380,19 @@ def _tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, Any]
         "tokenizer.ggml.add_eos_token": False,
         "tokenizer.ggml.add_space_prefix": norm.add_dummy_prefix,
     }
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _write(dst: Path, source: TensorSource, options: WriteOptions) -> Path:
+    widest = max((np.dtype(d) for d in source.dtypes.values()), key=lambda d: d.itemsize)
+    kind = options.gguf_type or ("f32" if widest.itemsize == 4 else "bf16")
+    return write_gguf(dst, source, type=kind, overwrite=options.overwrite)
+
+
+register(Format("gguf", "llama.cpp GGUF file (see checkpoint/gguf.py)", _is_gguf, gguf_source, _write))

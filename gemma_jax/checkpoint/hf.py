@@ -27,14 +27,12 @@ import numpy as np
 import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 
-from gemma_jax.checkpoint.names import ParamPath, TensorSpec, check_layer_count, tensor_specs
+from gemma_jax.checkpoint.registry import Format, WriteOptions, register
+from gemma_jax.checkpoint.source import FLOAT_DTYPES, Put, Shape, TensorSource, collect, params_source
 from gemma_jax.checkpoint.staging import refuse_existing, staged_dir
-from gemma_jax.config import ConfigError, GemmaConfig
+from gemma_jax.models import Config, ConfigError, TensorSpec, config_from_hf, tensor_specs
+from gemma_jax.models.family import check_layer_count, listing
 from gemma_jax.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
-
-Put = Callable[[ParamPath, np.ndarray], Any]
-Array = Any  # np.ndarray, or a jax.Array (possibly sharded) for params already in memory
-Shape = tuple[int, ...]
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -46,7 +44,6 @@ TOKENIZER_CONFIG = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, 
                     "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}  # fmt: skip
 TIED_HEAD = "lm_head.weight"  # Gemma ties the output projection to the embedding
 EMBEDDING = "model.embed_tokens.weight"
-FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16))
 # safetensors' dtype names <-> numpy (the ones Gemma checkpoints, quantized ones included, use).
 _ST_DTYPES = {
     "F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
@@ -54,85 +51,6 @@ _ST_DTYPES = {
     "I16": np.dtype(np.int16), "I32": np.dtype(np.int32), "I64": np.dtype(np.int64),
 }  # fmt: skip
 _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
-_CHUNK = 1 << 20  # elements per step of the finiteness check
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSource:
-    """A checkpoint opened for streaming: its config, and its tensors read one at a time in our layout.
-
-    Openers validate names, shapes and dtypes from headers or metadata before returning a source,
-    so a bad checkpoint fails before anything is written. Iterating yields `(spec, array)` in HF
-    order (embedding, layer by layer, final norm) and checks each array against the config as it
-    is read, so not even a lying header or a reader bug can put a wrong tensor into an output.
-    """
-
-    config: GemmaConfig
-    dtypes: Mapping[ParamPath, np.dtype]  # the dtype `read` returns for each tensor
-    read: Callable[[TensorSpec], Array]  # one tensor, in our layout
-    tokenizer: bytes | None = None  # the sentencepiece model (tokenizer.model), if the checkpoint has one
-    origin: str | None = None  # the checkpoint's path, which errors on reading name
-
-    def __post_init__(self) -> None:
-        wanted = {s.path for s in self.specs.values()}
-        if set(self.dtypes) != wanted:
-            raise ValueError(f"tensor dtypes given for {listing('/'.join(p) for p in set(self.dtypes) ^ wanted)}, "
-                             "which is not the set of tensors the config implies")  # fmt: skip
-        bad = sorted({np.dtype(d).name for d in self.dtypes.values()} - {d.name for d in FLOAT_DTYPES})
-        if bad:
-            raise ValueError(f"Gemma weights must be float32, bfloat16 or float16, not {', '.join(bad)}")
-
-    @functools.cached_property
-    def specs(self) -> dict[str, TensorSpec]:
-        return tensor_specs(self.config)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s.shape) * np.dtype(self.dtypes[s.path]).itemsize for s in self.specs.values())
-
-    def __iter__(self) -> Iterator[tuple[TensorSpec, Array]]:
-        for spec in self.specs.values():
-            x = self.read(spec)
-            want = np.dtype(self.dtypes[spec.path])
-            where = f"{self.origin}: " if self.origin else ""
-            if tuple(x.shape) != spec.shape or np.dtype(x.dtype) != want:
-                raise ValueError(
-                    f"{where}tensor {'/'.join(spec.path)} (HF {spec.hf_name}) was read as {np.dtype(x.dtype).name} "
-                    f"{list(x.shape)}, but the config implies {want.name} {list(spec.shape)}"
-                )
-            if not _finite(x):
-                raise ValueError(f"{where}tensor {'/'.join(spec.path)} (HF {spec.hf_name}) holds NaN or infinite "
-                                 "values (corrupt, or overflowed in a cast); they would make the outputs NaN")  # fmt: skip
-            yield spec, x
-
-
-def _finite(x: Array) -> bool:
-    """Whether every value is finite, at memory speed and without a tensor-sized temporary.
-
-    On the host, a float is NaN or infinite exactly when its bits without the sign are at least
-    those of +inf; the maximum of that is taken a chunk at a time (numpy's own max on bfloat16
-    runs 40x slower). A device array is reduced on its device (max and min propagate NaN).
-    """
-    if not isinstance(x, np.ndarray):
-        return math.isfinite(float(x.max())) and math.isfinite(float(x.min()))
-    bits = np.dtype(f"u{x.dtype.itemsize}")
-    inf, magnitude = np.array(np.inf, x.dtype).view(bits), bits.type(np.iinfo(bits).max >> 1)
-    flat = x.reshape(-1).view(bits)
-    return all((flat[i : i + _CHUNK] & magnitude).max() < inf for i in range(0, flat.size, _CHUNK))
-
-
-def params_source(config: GemmaConfig, params: Mapping[str, Any], tokenizer: bytes | None = None) -> TensorSource:
-    """A source over a param tree in memory (numpy or jax arrays); refuses missing, extra or mis-shaped params."""
-    leaves = checked_leaves(params, tensor_specs(config))
-    return TensorSource(config, {p: np.dtype(x.dtype) for p, x in leaves.items()}, lambda s: leaves[s.path], tokenizer)
-
-
-def collect(source: TensorSource, put: Put | None = None) -> dict[str, Any]:
-    """Read a whole source into a param tree; `put(path, array)` may place each tensor (e.g. on devices) as it is read."""
-    params: dict[str, Any] = {}
-    for spec, x in source:
-        set_path(params, spec.path, x if put is None else put(spec.path, x))
-    return params
 
 
 def hf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
@@ -160,7 +78,7 @@ def load_hf(
     *,
     dtype: npt.DTypeLike | None = None,
     put: Put | None = None,
-) -> tuple[GemmaConfig, dict[str, Any]]:
+) -> tuple[Config, dict[str, Any]]:
     """Load a HF Gemma 1/2/3 checkpoint directory as (config, params).
 
     `dtype` casts every tensor as it is read (None keeps the stored dtype). `put(path, array)`
@@ -172,7 +90,7 @@ def load_hf(
 
 def save_hf(
     path: str | os.PathLike[str],
-    config: GemmaConfig,
+    config: Config,
     params: Mapping[str, Any],
     *,
     max_shard_bytes: int = 2**31,
@@ -201,7 +119,12 @@ def write_hf(
                         max_shard_bytes=max_shard_bytes, overwrite=overwrite)  # fmt: skip
 
 
-def hf_config(config: GemmaConfig, layout: Mapping[str, tuple[Shape, np.dtype]]) -> dict[str, Any]:
+def expected_hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for checking a checkpoint is complete and matches `config`."""
+    return {name: s.hf_shape for name, s in tensor_specs(config).items()}
+
+
+def hf_config(config: Config, layout: Mapping[str, tuple[Shape, np.dtype]]) -> dict[str, Any]:
     """The config.json dict, with `torch_dtype` the widest float dtype among the tensors:
     transformers casts everything to it on load, which then loses nothing."""
     floats = [d for _, d in layout.values() if d in FLOAT_DTYPES]
@@ -250,8 +173,8 @@ def write_hf_dir(
     return Path(path)
 
 
-def read_hf_config(path: str | os.PathLike[str]) -> GemmaConfig:
-    """The GemmaConfig of a HF checkpoint directory (reads only config.json)."""
+def read_hf_config(path: str | os.PathLike[str]) -> Config:
+    """The model config of a HF checkpoint directory (reads only config.json)."""
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint directory {root} does not exist")
@@ -265,7 +188,7 @@ def read_tensor(file: Path, name: str) -> np.ndarray:
         return f.get_tensor(name)
 
 
-def read_tokenizer(file: Path, config: GemmaConfig) -> bytes | None:
+def read_tokenizer(file: Path, config: Config) -> bytes | None:
     """The sentencepiece model at `file` (None if there is none), refused now, naming the file, if
     it does not parse or has more tokens than the model has embedding rows (ids past them would
     decode from garbage)."""
@@ -290,11 +213,11 @@ class _Located(NamedTuple):
     dtype: np.dtype
 
 
-def _read_config(file: Path) -> GemmaConfig:
+def _read_config(file: Path) -> Config:
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found; a HF checkpoint directory needs a {CONFIG_FILE}")
     try:
-        return GemmaConfig.from_hf(read_json(file))
+        return config_from_hf(read_json(file))
     except ConfigError as e:
         raise ValueError(f"{file}: {e}") from e
 
@@ -366,7 +289,7 @@ def locate_tensors(root: Path) -> dict[str, _Located]:
 
 
 
-def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], config: GemmaConfig) -> None:
+def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], config: Config) -> None:
     expected = {name: s.hf_shape for name, s in specs.items()} | {TIED_HEAD: specs[EMBEDDING].hf_shape}
     unexpected = [f"{name} (in {loc.file.name})" for name, loc in located.items() if name not in expected]
     if unexpected:
@@ -384,20 +307,6 @@ def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], 
             raise ValueError(f"tensor {name} in {loc.file} is {loc.dtype.name}; expected float32, bfloat16 or float16")
 
 
-def check_tree(found: Mapping[Any, Shape], expected: Mapping[Any, Shape], where: str) -> None:
-    """Refuse a checkpoint whose tensor names or shapes are not the ones expected (keys print via '/'.join)."""
-    name = lambda k: "/".join(k) if isinstance(k, tuple) else str(k)
-    unexpected = [name(k) for k in found if k not in expected]
-    if unexpected:
-        raise ValueError(f"{where}: unexpected tensors {listing(unexpected)}")
-    missing = [name(k) for k in expected if k not in found]
-    if missing:
-        raise ValueError(f"{where}: missing tensors {listing(missing)}")
-    for k, shape in expected.items():
-        if tuple(found[k]) != tuple(shape):
-            raise ValueError(f"{where}: tensor {name(k)} has shape {list(found[k])}, but the config implies {list(shape)}")
-
-
 def _check_tied(located: Mapping[str, _Located]) -> None:
     """An explicit lm_head is only acceptable if it is a copy of the embedding (tied weights)."""
     if not np.array_equal(read_tensor(located[TIED_HEAD].file, TIED_HEAD), read_tensor(located[EMBEDDING].file, EMBEDDING)):
@@ -407,44 +316,7 @@ def _check_tied(located: Mapping[str, _Located]) -> None:
         )
 
 
-def set_path(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
-    """tree[path[0]][path[1]]... = value, creating the nested dicts on the way."""
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def listing(items: Iterable[str], limit: int = 5) -> str:
-    """The first `limit` items, comma-separated, and how many more: for error messages."""
-    items = list(items)
-    more = f" and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
 # --- saving helpers --------------------------------------------------------------------------
-
-
-def checked_leaves(params: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> dict[ParamPath, Any]:
-    """Our path -> array for every spec, refusing missing, extra or mis-shaped params."""
-    leaves = dict(_flatten(params))
-    wanted = {s.path: s for s in specs.values()}
-    extra = ["/".join(p) for p in leaves if p not in wanted]
-    if extra:
-        raise ValueError(f"params have entries with no Hugging Face name: {listing(extra)}")
-    for p, spec in wanted.items():
-        if p not in leaves:
-            raise ValueError(f"params lack {'/'.join(p)} (HF {spec.hf_name})")
-        if tuple(leaves[p].shape) != spec.shape:
-            raise ValueError(f"params {'/'.join(p)} has shape {list(leaves[p].shape)}, config implies {list(spec.shape)}")
-    return leaves
-
-
-def _flatten(tree: Mapping[str, Any], prefix: ParamPath = ()) -> Iterable[tuple[ParamPath, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
 
 
 def _plan_shards(layout: Mapping[str, tuple[Shape, np.dtype]], max_shard_bytes: int) -> list[list[str]]:
@@ -480,3 +352,13 @@ def _write_safetensors(file: Path, entries: Mapping[str, tuple[Shape, np.dtype]]
                 found = "nothing" if x is None else f"{got} {x.dtype.name} {list(x.shape)}"
                 raise ValueError(f"{file.name}: expected tensor {name} {dtype.name} {list(shape)}, got {found}")
             f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+
+
+def _is_hf(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+register(Format(
+    "hf", "Hugging Face directory: config.json, *.safetensors [+ index], tokenizer.model", _is_hf, hf_source,
+    lambda dst, source, o: write_hf(dst, source, max_shard_bytes=o.max_shard_bytes, overwrite=o.overwrite),
+))  # fmt: skip

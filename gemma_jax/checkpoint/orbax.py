@@ -2,7 +2,7 @@
 
 A checkpoint directory holds:
 
-    gemma_config.json  {"format": "gemma_jax", "version": 2, "config": {GemmaConfig fields},
+    gemma_config.json  {"format": "gemma_jax", "version": 2, "config": {Config fields},
                         "quant": null, or "w8a8"/"w8a16" for an int8 tree (see gemma_jax/quant.py)}
     tokenizer.model    the sentencepiece model, when the source had one
     checksums.json     each tensor's dtype, shape and checksum, and the SHA-256 of the two files above
@@ -50,13 +50,15 @@ import numpy.typing as npt
 from orbax.checkpoint import v1 as ocp
 from orbax.checkpoint.experimental.v1 import partial
 
-from gemma_jax.checkpoint.hf import (
-    TOKENIZER_FILE, Shape, TensorSource, set_path, check_tree, listing, read_json, read_tokenizer,
-)  # fmt: skip
+from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_json, read_tokenizer
 from gemma_jax.checkpoint.manifest import MANIFEST_FILE, Entry, Manifest, exact_widening, tensor_entry, write_manifest
-from gemma_jax.checkpoint.names import ParamPath, TensorSpec, check_layer_count, tensor_specs
+from gemma_jax.checkpoint.registry import Format, register
+from gemma_jax.checkpoint.source import Shape, TensorSource, set_path
 from gemma_jax.checkpoint.staging import staged_dir
-from gemma_jax.config import GemmaConfig
+from gemma_jax.kernels import SCHEMES
+from gemma_jax.models import Config, ParamPath, TensorSpec, config_from_fields, tensor_specs
+from gemma_jax.models.family import check_layer_count, check_shapes, listing
+from gemma_jax.quant import quantized_layout
 from gemma_jax.tokenizer import Tokenizer
 
 FORMAT, VERSION = "gemma_jax", 2  # 2: weights stored [out..., in...] (1: [in..., out...])
@@ -100,7 +102,7 @@ def save_orbax(path: str | os.PathLike[str], source: TensorSource, *, overwrite:
 
 def write_orbax(
     path: str | os.PathLike[str],
-    config: GemmaConfig,
+    config: Config,
     leaves: Iterable[tuple[ParamPath, Any]],
     tokenizer: bytes | None,
     *,
@@ -140,19 +142,17 @@ def write_orbax(
     return Path(path)
 
 
-def read_orbax_config(path: str | os.PathLike[str]) -> GemmaConfig:
-    """The GemmaConfig of one of our Orbax checkpoint directories (reads only gemma_config.json)."""
+def read_orbax_config(path: str | os.PathLike[str]) -> Config:
+    """The model config of one of our Orbax checkpoint directories (reads only gemma_config.json)."""
     file, meta = _read_meta(path)
     try:
-        return GemmaConfig(**meta["config"])
+        return config_from_fields(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: invalid config: {e}") from e
 
 
 def stored_quant(path: str | os.PathLike[str]) -> str | None:
     """The int8 scheme ("w8a8"/"w8a16") of a quantized checkpoint of ours (`gemma-jax quantize`), else None."""
-    from gemma_jax.kernels import SCHEMES
-
     file, meta = _read_meta(path)
     quant = meta.get("quant")
     if quant is not None and quant not in SCHEMES:
@@ -202,7 +202,7 @@ def load_orbax(
     dtype: npt.DTypeLike | None = None,
     sharding: Sharding | None = None,
     verify: bool = True,
-) -> tuple[GemmaConfig, dict[str, Any], Tokenizer | None]:
+) -> tuple[Config, dict[str, Any], Tokenizer | None]:
     """Restore one of our Orbax checkpoints as (config, params, tokenizer), params straight onto devices.
 
     `sharding(path, shape)` gives each parameter's target sharding (default: the first local
@@ -352,7 +352,7 @@ def read_leaf(ckpt: Path, keys: KeyPath, leaf: HostArray) -> np.ndarray:
 
 
 def _checked_metadata(
-    ckpt: Path, config: GemmaConfig, quant: str | None = None, *, manifest: Manifest | None = None
+    ckpt: Path, config: Config, quant: str | None = None, *, manifest: Manifest | None = None
 ) -> dict[ParamPath, HostArray]:
     """The stored leaves, checked against the tree `config` (and `quant`) implies: names, shapes, int8-ness;
     and against the checksum `manifest`'s names, shapes and dtypes."""
@@ -363,14 +363,12 @@ def _checked_metadata(
     if quant is None:
         expected = {s.path: s.shape for s in tensor_specs(config).values()}
     else:
-        from gemma_jax.quant import quantized_layout
-
         layout = quantized_layout(config, quant)
         expected = {p: tuple(leaf.shape) for p, leaf in layout.items()}
         wrong = [p for p, leaf in layout.items() if p in stored and (stored[p].dtype == np.int8) != (leaf.dtype == np.int8)]
         if wrong:
             raise ValueError(f"{ckpt}: {'/'.join(wrong[0])} is {stored[wrong[0]].dtype}, which the {quant} layout does not have")
-    check_tree({k: v.shape for k, v in stored.items()}, expected, f"{ckpt} (config in {ckpt.parent / CONFIG_FILE})")
+    check_shapes({k: v.shape for k, v in stored.items()}, expected, f"{ckpt} (config in {ckpt.parent / CONFIG_FILE})")
     return stored
 
 
@@ -391,3 +389,9 @@ def _save_options() -> ocp.Context:
 def _one_line(e: BaseException) -> str:
     """An Orbax/tensorstore error as one line of a message of ours (theirs can span many)."""
     return " ".join(f"{type(e).__name__}: {e}".split())[:500]
+
+
+register(Format(
+    "orbax", "ours: gemma_config.json, params/ (Orbax), tokenizer.model (see checkpoint/orbax.py)", is_orbax_checkpoint,
+    orbax_source, lambda dst, source, o: save_orbax(dst, source, overwrite=o.overwrite),
+))  # fmt: skip

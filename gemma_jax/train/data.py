@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gemma_jax.models.heads import SEQUENCE, SINGLE, TOKEN, Head
+from gemma_jax.models.heads import SEQUENCE, SINGLE, Head
 from gemma_jax.tokenizer import END_OF_TURN, Tokenizer
 
 T = TypeVar("T")

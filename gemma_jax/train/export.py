@@ -15,14 +15,14 @@ from typing import Any
 import jax
 
 from gemma_jax import distributed
-from gemma_jax.checkpoint.hf import params_source, write_hf
-from gemma_jax.config import GemmaConfig
+from gemma_jax.checkpoint import WriteOptions, params_source, write_checkpoint
+from gemma_jax.models import Config
 from gemma_jax.tokenizer import Tokenizer
 from gemma_jax.sharding import Layout, to_host
 
 
 def export(
-    directory: Path, formats: tuple[str, ...], config: GemmaConfig, params: Any, layout: Layout, tokenizer: Tokenizer,
+    directory: Path, formats: tuple[str, ...], config: Config, params: Any, layout: Layout, tokenizer: Tokenizer,
     dtype: str,
 ) -> dict[str, Path]:
     """Write `params` under directory/<format> for each of `formats` (replacing earlier exports)."""
@@ -33,10 +33,6 @@ def export(
     written = {name: directory / name for name in formats}
     if distributed.is_leader():
         source = params_source(config, params, tokenizer.model_proto)
-        if "hf" in written:
-            write_hf(written["hf"], source, overwrite=True)
-        if "orbax" in written:
-            from gemma_jax.checkpoint.orbax import save_orbax
-
-            save_orbax(written["orbax"], source, overwrite=True)
+        for name, path in written.items():
+            write_checkpoint(name, path, source, WriteOptions(overwrite=True))
     return written

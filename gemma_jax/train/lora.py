@@ -27,9 +27,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models import Config, build
 from gemma_jax.layers import Einsum
-from gemma_jax.model import Transformer
 from gemma_jax.train.config import TrainConfig
 
 Path = tuple[str, ...]
@@ -78,7 +77,7 @@ class LoraSpec:
 
 
 @functools.cache
-def projections(config: GemmaConfig) -> dict[Path, Projection]:
+def projections(config: Config) -> dict[Path, Projection]:
     """Every Einsum call of the model, by module path (e.g. ("layer_0", "attn", "q")), from one abstract pass."""
     found: dict[Path, Projection] = {}
 
@@ -89,11 +88,11 @@ def projections(config: GemmaConfig) -> dict[Path, Projection]:
 
     tokens = jnp.zeros((1, 1), jnp.int32)
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda: Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
+        jax.eval_shape(lambda: build(config).init(jax.random.PRNGKey(0), tokens, tokens, tokens + 1))
     return found
 
 
-def _targets(config: GemmaConfig, spec: LoraSpec) -> Iterator[tuple[Path, Projection]]:
+def _targets(config: Config, spec: LoraSpec) -> Iterator[tuple[Path, Projection]]:
     every = projections(config)
     unknown = set(spec.targets) - {path[-1] for path in every}
     if unknown:
@@ -101,13 +100,13 @@ def _targets(config: GemmaConfig, spec: LoraSpec) -> Iterator[tuple[Path, Projec
     return ((path, p) for path, p in every.items() if path[-1] in spec.targets)
 
 
-def lora_axes(config: GemmaConfig, spec: LoraSpec) -> dict:
+def lora_axes(config: Config, spec: LoraSpec) -> dict:
     """The LoRA params tree ({path: {"lora_a", "lora_b"}}) with logical axes for leaves."""
     flat = {path + (name,): axes for path, p in _targets(config, spec) for name, (_, axes) in p.factors(spec.rank).items()}
     return unflatten_dict(flat)
 
 
-def init_lora(config: GemmaConfig, spec: LoraSpec, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
+def init_lora(config: Config, spec: LoraSpec, rng: jax.Array, dtype: Any = jnp.float32) -> dict:
     """A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (as peft's Kaiming-uniform init), B = 0."""
     flat = {}
     for k, (path, p) in enumerate(_targets(config, spec)):
@@ -126,7 +125,7 @@ def lora_delta(projection: Projection, x: jax.Array, a: jax.Array, b: jax.Array,
     return jnp.einsum(f"{batch}{_RANK},{_RANK}{fan_out}->{out}", h, (b * scale).astype(x.dtype))
 
 
-def interceptor(config: GemmaConfig, spec: LoraSpec, lora: dict) -> contextlib.AbstractContextManager:
+def interceptor(config: Config, spec: LoraSpec, lora: dict) -> contextlib.AbstractContextManager:
     """A Flax method interceptor that adds the LoRA branch to every target projection of `lora`.
 
     The same paths and equations hold for an int8 base, whose projections return float outputs.
@@ -144,7 +143,7 @@ def interceptor(config: GemmaConfig, spec: LoraSpec, lora: dict) -> contextlib.A
     return nn.intercept_methods(add_branch)
 
 
-def merge(config: GemmaConfig, spec: LoraSpec, params: dict, lora: dict) -> dict:
+def merge(config: Config, spec: LoraSpec, params: dict, lora: dict) -> dict:
     """Float base params with every LoRA update folded in: W + A·B·scale, in W's layout and dtype.
 
     (An int8-base run merges into the float checkpoint it was quantized from: see `run._merged`.)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models import Config
 from gemma_jax.plan import CHIPS
 from gemma_jax.train.lora import LoraSpec, init_lora, projections
 
@@ -31,7 +31,7 @@ _DEVICE_CHIPS = {
 }  # fmt: skip
 
 
-def flops_per_token(config: GemmaConfig, seq_len: int, lora: LoraSpec | None = None) -> float:
+def flops_per_token(config: Config, seq_len: int, lora: LoraSpec | None = None) -> float:
     """Model FLOPs of one training token (forward + backward), attention over an average causal context."""
     weights = sum(math.prod(p.shape) for p in projections(config).values()) + config.vocab_size * config.embed_dim
     attention = 0.0  # QK^T and PV: 2 matmuls x 2 FLOPs x heads x head_dim x visible keys, per layer

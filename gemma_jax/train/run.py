@@ -31,8 +31,9 @@ from tqdm import tqdm
 from gemma_jax import distributed
 from gemma_jax.api import load
 from gemma_jax.checkpoint.resolve import checkpoint_path
-from gemma_jax.convert import open_source
-from gemma_jax.model import logical_axes
+from gemma_jax.checkpoint import open_source
+from gemma_jax.quant import quantize_params
+from gemma_jax.models import family_of
 from gemma_jax.models.heads import HEAD_KEY, accuracy_and_f1, head_leaves, init_head, task_head, without_head
 from gemma_jax.train import data as data_lib
 from gemma_jax.train import lora as lora_lib
@@ -175,7 +176,8 @@ def _with_head(spec: StepSpec, params: Any, seed: int) -> Any:
         return params
     head = params.get(HEAD_KEY) or init_head(spec.config.head, spec.config.embed_dim, jax.random.PRNGKey(seed))
     host = {name: to_host(x).astype(spec.param_dtype) for name, x in head.items()}  # a few rows: cheap anywhere
-    return {**params, HEAD_KEY: {name: place(x, spec.layout.sharding(logical_axes((HEAD_KEY, name)), x.shape))
+    axes = family_of(spec.config).logical_axes
+    return {**params, HEAD_KEY: {name: place(x, spec.layout.sharding(axes((HEAD_KEY, name)), x.shape))
                                  for name, x in host.items()}}  # fmt: skip
 
 
@@ -183,8 +185,6 @@ def _frozen(params: Any, spec: StepSpec, fns: Compiled) -> Any:
     """The LoRA run's frozen base on its shards; quantized to int8 first for an int8 base."""
     params = without_head(params)
     if spec.quant is not None:
-        from gemma_jax.quant import quantize_params
-
         params = quantize_params(spec.base_config, params, spec.quant)
     return jax.device_put(params, fns.frozen)
 

@@ -26,8 +26,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.tree_util import DictKey
 
-from gemma_jax.config import GemmaConfig
-from gemma_jax.model import Transformer, init_params, param_axes
+from gemma_jax.models import Config, build, init_params, param_axes
 from gemma_jax.models.heads import Head, confusion, head_leaves, without_head
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.config import TrainConfig
@@ -47,7 +46,7 @@ def default_compute_dtype() -> str:
 class StepSpec:
     """Everything that shapes the compiled step (hashable: one compilation per distinct spec)."""
 
-    config: GemmaConfig
+    config: Config
     layout: Layout
     compute_dtype: str
     param_dtype: str  # trained params and optimizer state
@@ -69,7 +68,7 @@ class StepSpec:
     seq_len: int
 
     @classmethod
-    def create(cls, cfg: TrainConfig, config: GemmaConfig, layout: Layout) -> StepSpec:
+    def create(cls, cfg: TrainConfig, config: Config, layout: Layout) -> StepSpec:
         """The step of run settings `cfg` for model `config` on `layout`."""
         schedule = cfg.schedule()
         return cls(
@@ -95,14 +94,14 @@ class StepSpec:
         )
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw) if self.max_grad_norm > 0 else adamw
 
-    def model(self) -> Transformer:
-        return Transformer(self.config, dtype=jnp.dtype(self.compute_dtype), quant=self.quant, remat=self.remat)
+    def model(self) -> Any:
+        return build(self.config, dtype=jnp.dtype(self.compute_dtype), quant=self.quant, remat=self.remat)
 
     # --- what lives where ------------------------------------------------------------------
     # A LoRA run trains a classifier's head in full, beside the adapters (under its own key, "score");
     # the frozen base is the decoder without it (the causal LM's params, whose shapes are the same).
     @property
-    def base_config(self) -> GemmaConfig:
+    def base_config(self) -> Config:
         return self.config.replace(head=Head())
 
     def trained_axes(self) -> Any:
@@ -150,13 +149,13 @@ class StepSpec:
 
 
 @functools.cache
-def _abstract_params(config: GemmaConfig, dtype: str, quant: str | None) -> Any:
+def _abstract_params(config: Config, dtype: str, quant: str | None) -> Any:
     """Shapes and dtypes of the model's params (an abstract init: cached, as it traces the whole model)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.dtype(dtype), quant))
 
 
 @functools.cache
-def _param_axes(config: GemmaConfig, quant: str | None) -> Any:
+def _param_axes(config: Config, quant: str | None) -> Any:
     return param_axes(config, quant)
 
 

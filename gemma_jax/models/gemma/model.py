@@ -27,12 +27,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.traverse_util import flatten_dict
 
-from gemma_jax.config import GemmaConfig
+from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
-from gemma_jax.models.heads import HEAD_KEY, TOKEN, Head, Score
+from gemma_jax.models.heads import HEAD_KEY, Score
 from gemma_jax.sharding import constrain
 
 Array = jax.Array
@@ -58,44 +57,6 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.f
                  "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
         cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()}
     return cache
-
-
-def _init_boxed(config: GemmaConfig, rng: Array, param_dtype: Any, quant: str | None = None) -> dict:
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return Transformer(config, param_dtype=param_dtype, quant=quant).init(rng, tokens, tokens, tokens + 1)["params"]
-
-
-def init_params(config: GemmaConfig, rng: Array, param_dtype: Any = jnp.float32, quant: str | None = None) -> dict:
-    """Random parameters as a plain pytree (logical-axis boxes removed); with `quant`, int8 placeholders."""
-    return nn.meta.unbox(_init_boxed(config, rng, param_dtype, quant))
-
-
-def param_axes(config: GemmaConfig, quant: str | None = None) -> dict:
-    """The params pytree (int8 + scales with `quant`) with each leaf replaced by its logical axis names (a tuple)."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.PRNGKey(0), jnp.float32, quant))
-    return jax.tree.map(tuple, nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-
-
-@functools.cache
-def _axes_by_path() -> dict[tuple[str, ...], tuple[str, ...]]:
-    # Every kind of leaf: a token classifier's head has both score leaves (weight and bias).
-    every_kind = GemmaConfig(
-        model_type="gemma2", vocab_size=8, embed_dim=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
-        mlp_dim=8, query_pre_attn_scalar=8, use_post_norms=True, use_qk_norm=True, head=Head.classifier(TOKEN, ("a",)),
-    )  # fmt: skip
-    return {**flatten_dict(param_axes(every_kind)), **flatten_dict(param_axes(every_kind, "w8a8"))}  # float + int8 leaves
-
-
-def logical_axes(path: tuple[str, ...]) -> tuple[str, ...]:
-    """Logical axis names of the parameter at `path` (e.g. ("layer_7", "attn", "q", "w")), for any config,
-    float or int8 (whose weights keep the float axes and whose scales have their weights' output axes).
-
-    Lets loaders place each tensor on its shards as it is read, before a config is at hand.
-    """
-    key = tuple("layer_0" if part.startswith("layer_") else part for part in path)
-    if key not in _axes_by_path():
-        raise KeyError(f"no parameter {'/'.join(path)} in the Gemma model")
-    return _axes_by_path()[key]
 
 
 def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:

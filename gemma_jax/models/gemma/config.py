@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from gemma_jax import configs
+from gemma_jax.models.family import ConfigError
 from gemma_jax.models.heads import Head, HeadError, head_of
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
@@ -43,18 +44,11 @@ _HF_FIELD = {
 }  # fmt: skip
 
 
-class ConfigError(ValueError):
-    """A config field holding a value no Gemma model has; the message names the field."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"field {field!r} {problem}")
-        self.field, self.problem = field, problem
-
-
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
     """Hyper-parameters of a Gemma decoder. Field names follow the papers, not Hugging Face."""
 
+    MODEL_TYPES: ClassVar[tuple[str, ...]] = MODEL_TYPES  # the Hugging Face model_type values of this family
     model_type: str  # "gemma" (Gemma 1), "gemma2" or "gemma3_text"
     vocab_size: int
     embed_dim: int
