@@ -31,6 +31,7 @@ import numpy as np
 from flax import linen as nn
 
 from gemma_jax.layers import project
+from gemma_jax.models.family import ConfigError
 
 Array = jax.Array
 
@@ -47,14 +48,6 @@ SCORE_AXES = ("labels", "embed")
 INIT_STD = 0.02  # transformers' initializer_range: how a new head starts
 
 
-class HeadError(ValueError):
-    """A head setting no supported head has; `field` names the config.json key (or Head field)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"field {field!r} {problem}")
-        self.field, self.problem = field, problem
-
-
 @dataclasses.dataclass(frozen=True)
 class Head:
     """What the decoder's last layer computes. Frozen and hashable: part of the (static) model config."""
@@ -68,21 +61,21 @@ class Head:
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.task not in TASKS:
-            raise HeadError("task", f"is {self.task!r}, not one of {', '.join(TASKS)}")
+            raise ConfigError("task", f"is {self.task!r}, not one of {', '.join(TASKS)}")
         if self.task == CAUSAL_LM:
             if self.labels or self.problem_type or self.bias:
-                raise HeadError("task", "is the causal LM, which has no labels, problem type or score bias")
+                raise ConfigError("task", "is the causal LM, which has no labels, problem type or score bias")
             return
         if not self.labels:
-            raise HeadError("id2label", f"is empty; a {self.task} head needs at least one label")
+            raise ConfigError("id2label", f"is empty; a {self.task} head needs at least one label")
         if len(set(self.labels)) != len(self.labels):
-            raise HeadError("id2label", f"names a label twice: {list(self.labels)}")
+            raise ConfigError("id2label", f"names a label twice: {list(self.labels)}")
         if self.problem_type not in PROBLEM_TYPES:
-            raise HeadError("problem_type", f"is {self.problem_type!r}, not one of {', '.join(PROBLEM_TYPES)}")
+            raise ConfigError("problem_type", f"is {self.problem_type!r}, not one of {', '.join(PROBLEM_TYPES)}")
         if self.task == TOKEN and self.problem_type != SINGLE:
-            raise HeadError("problem_type", f"is {self.problem_type}, but token classification is {SINGLE} (one label per token)")
+            raise ConfigError("problem_type", f"is {self.problem_type}, but token classification is {SINGLE} (one label per token)")
         if self.task == SEQUENCE and self.bias:
-            raise HeadError("token_classification_bias", "is set, but transformers' sequence classifiers have no score bias")
+            raise ConfigError("token_classification_bias", "is set, but transformers' sequence classifiers have no score bias")
 
     @property
     def is_lm(self) -> bool:
@@ -104,7 +97,7 @@ class Head:
         """The head a config.json describes, from its `architectures` (causal LM unless it names a classifier)."""
         archs = hf.get("architectures") or []
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise HeadError("architectures", f"must be a list of class names, got {archs!r}")
+            raise ConfigError("architectures", f"must be a list of class names, got {archs!r}")
         task = next((t for t, suffix in _HF_SUFFIX.items() for a in archs if a.endswith(suffix)), CAUSAL_LM)
         if task == CAUSAL_LM:
             return cls()
@@ -122,7 +115,7 @@ class Head:
         if self.is_lm:
             return None
         if not _HF_HAS.get((model_type, self.task), True) or model_type not in _HF_PREFIX:
-            raise HeadError("architectures", f"names no model transformers has: no {self.task} model for model_type {model_type!r}")
+            raise ConfigError("architectures", f"names no model transformers has: no {self.task} model for model_type {model_type!r}")
         return _HF_PREFIX[model_type] + _HF_SUFFIX[self.task]
 
     def to_hf(self, model_type: str) -> dict[str, Any]:
@@ -162,19 +155,19 @@ def _labels(hf: dict[str, Any]) -> tuple[str, ...]:
     if id2label is None:
         count = hf.get("num_labels", 2)
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise HeadError("num_labels", f"must be a positive integer, got {count!r}")
+            raise ConfigError("num_labels", f"must be a positive integer, got {count!r}")
         return tuple(f"LABEL_{i}" for i in range(count))
     if not isinstance(id2label, dict) or not id2label:
-        raise HeadError("id2label", f"must be a non-empty object, got {id2label!r}")
+        raise ConfigError("id2label", f"must be a non-empty object, got {id2label!r}")
     try:
         ids = sorted(int(k) for k in id2label)
     except (TypeError, ValueError):
-        raise HeadError("id2label", f"keys must be label ids 0..n-1, got {sorted(id2label)!r}") from None
+        raise ConfigError("id2label", f"keys must be label ids 0..n-1, got {sorted(id2label)!r}") from None
     if ids != list(range(len(ids))):
-        raise HeadError("id2label", f"keys must be label ids 0..n-1, got {ids}")
+        raise ConfigError("id2label", f"keys must be label ids 0..n-1, got {ids}")
     by_id = {int(k): v for k, v in id2label.items()}
     if not all(isinstance(v, str) for v in by_id.values()):
-        raise HeadError("id2label", "values must be label names (strings)")
+        raise ConfigError("id2label", "values must be label names (strings)")
     return tuple(by_id[i] for i in ids)
 
 
@@ -214,9 +207,9 @@ def task_head(task: str | None, current: Head, data_labels: Callable[[], tuple[s
     if task is None or task == current.task:
         return current
     if task not in TASKS:
-        raise HeadError("task", f"is {task!r}, not one of {', '.join(TASKS)}")
+        raise ConfigError("task", f"is {task!r}, not one of {', '.join(TASKS)}")
     if not current.is_lm:
-        raise HeadError("task", f"is {task}, but the checkpoint is a {current.task} model; fine-tune it as one")
+        raise ConfigError("task", f"is {task}, but the checkpoint is a {current.task} model; fine-tune it as one")
     return Head.classifier(task, data_labels(), SINGLE)
 
 
