@@ -3,6 +3,7 @@
 RUN_DIR (`config.out`) receives:
   train_config.yaml   the resolved settings
   metrics.jsonl       one record per step (loss, grad norm, lr, tokens/s, MFU) and per evaluation
+                      (loss and perplexity; a classifier's: loss, accuracy and macro-F1)
   checkpoints/<step>  Orbax checkpoints (the last `keep`), every `save_every` steps and at the end
   export/hf, /orbax   the merged model (as `gemma-jax convert` writes it), when the run completes
 
@@ -202,7 +203,8 @@ def _abstract_state(spec: StepSpec) -> dict[str, Any]:
 def _evaluate(
     fns: Compiled, trained: Any, frozen: Any, rows: data_lib.Rows, cfg: TrainConfig, step: int, log: MetricsLog
 ) -> float:
-    """Mean token loss over the eval rows (capped at `eval_batches` batches), logged with its perplexity."""
+    """Mean token loss over the eval rows (capped at `eval_batches` batches), logged with its perplexity, or
+    for a classifier with the accuracy and macro-F1 of its predictions at the labelled tokens."""
     totals = None  # nll, weight[, a classifier's confusion counts]
     for batch in data_lib.eval_batches(rows, cfg.micro_batch, cfg.eval_batches):
         sums = fns.evaluate(trained, frozen, {k: place(v, fns.eval_batch[k]) for k, v in batch.items()})
@@ -214,7 +216,7 @@ def _evaluate(
         log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": weight})
     else:
         accuracy, f1 = accuracy_and_f1(totals[2])
-        log.write({"step": step, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": f1, "eval_examples": weight})
+        log.write({"step": step, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": f1, "eval_labelled": weight})
     return loss
 
 
