@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gemma_jax import classify
 from gemma_jax.checkpoint import open_source
 from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_tokenizer
 from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, read_orbax_config, stored_quant
@@ -111,6 +112,14 @@ class Gemma:
         padded[: len(tokens)] = tokens
         out = _logprobs(self.params, padded, runtime=self.runtime)
         return to_host(out)[: len(tokens)]
+
+    def scores(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's raw scores: [B labels] (sequence classification) or one [T labels] per row (token)."""
+        return classify.scores(self, inputs)
+
+    def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's probabilities (multi-label: per label; regression: the scores), shaped as `scores`."""
+        return classify.probabilities(self, inputs)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.

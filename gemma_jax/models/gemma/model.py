@@ -34,6 +34,7 @@ from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
 from gemma_jax.models.gemma.config import GemmaConfig
+from gemma_jax.models.heads import HEAD_KEY, Score
 from gemma_jax.sharding import Layout, constrain
 
 Array = jax.Array
@@ -234,7 +235,10 @@ class Transformer(nn.Module):
         logits_index: Array | None = None,  # B: compute logits only at this position of each row
         fresh_cache: bool = False,  # the cache is empty: skip attending to it (prefill)
     ) -> tuple[Array, Cache | None]:
-        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
+        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache.
+
+        With a classification head (`config.head`), label scores [B T L] (or [B L]) instead of vocab logits.
+        """
         cfg = self.config
         embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, self.kernels, name="embedder")
         x = self.kernels.constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
@@ -249,4 +253,6 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
+        if not cfg.head.is_lm:
+            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name=HEAD_KEY)(x), new_cache
         return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache
