@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.models.gemma import GemmaConfig
-from gemma_jax.kernels import w8a8_matmul, w8a16_matmul
+from gemma_jax.kernels import Kernels, w8a8_matmul, w8a16_matmul
 
 DECODE_M = (1, 8, 16, 32, 64)
 PREFILL_M = (512, 1024, 2048, 4096, 8192)
@@ -91,8 +91,9 @@ def candidates(dtype, backends: list[str]) -> dict[str, tuple[Callable, str]]:
     if jnp.dtype(dtype) != jnp.bfloat16:
         cols[jnp.dtype(dtype).name] = (dot, "float")
     for b in backends:
-        cols[f"w8a8/{b}"] = (lambda x, q, s, b=b: w8a8_matmul(x, q, s, w_transposed=True, backend=b), "int8")
-        cols[f"w8a16/{b}"] = (lambda x, q, s, b=b: w8a16_matmul(x, q, s, w_transposed=True, backend=b), "int8")
+        kernels = Kernels.for_platform(int8=b)
+        cols[f"w8a8/{b}"] = (lambda x, q, s, k=kernels: w8a8_matmul(x, q, s, w_transposed=True, kernels=k), "int8")
+        cols[f"w8a16/{b}"] = (lambda x, q, s, k=kernels: w8a16_matmul(x, q, s, w_transposed=True, kernels=k), "int8")
     return cols
 
 

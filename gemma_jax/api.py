@@ -15,15 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from gemma_jax import classify
 from gemma_jax.checkpoint import open_source
 from gemma_jax.checkpoint.hf import TOKENIZER_FILE, read_tokenizer
 from gemma_jax.checkpoint.orbax import is_orbax_checkpoint, load_orbax, read_orbax_config, stored_quant
 from gemma_jax.checkpoint.resolve import checkpoint_path, read_checkpoint
 from gemma_jax.generate import bucket, generate
-from gemma_jax.models import Config, build, family_of, param_axes
+from gemma_jax.models import Config, family_of, param_axes
 from gemma_jax.quant import quantize_params
+from gemma_jax.runtime import Runtime
 from gemma_jax.sampling import Sampler
-from gemma_jax.sharding import RULE_SETS, Layout, activate, constrain, place, to_host, tree_shardings
+from gemma_jax.sharding import RULE_SETS, Layout, place, to_host, tree_shardings
 from gemma_jax.text_stream import TextWatcher, until_stop
 from gemma_jax.tokenizer import Tokenizer
 
@@ -61,10 +63,22 @@ class Gemma:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
-        self.layout = layout  # where params live (None: one device); computations follow it
-        self.quant = quant  # "w8a8" / "w8a16" for int8 params (see gemma_jax.quant)
         float_dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
-        self.compute_dtype = jnp.dtype(compute_dtype or default_compute_dtype(float_dtype))
+        # What every program of this model compiles for: `layout` is where params live (None: one
+        # device), `quant` the activation mode of int8 params (see gemma_jax.quant).
+        self.runtime = Runtime.create(config, compute_dtype or default_compute_dtype(float_dtype), layout=layout, quant=quant)
+
+    @property
+    def layout(self) -> Layout | None:
+        return self.runtime.layout
+
+    @property
+    def quant(self) -> str | None:
+        return self.runtime.quant
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return self.runtime.compute_dtype
 
     def logits(self, token_ids: Sequence[Sequence[int]] | np.ndarray) -> np.ndarray:
         """float32 logits [B T V] for a batch of token-id sequences (ragged rows are right-padded; pad logits are 0)."""
@@ -79,7 +93,7 @@ class Gemma:
         segments = np.zeros_like(tokens)
         for i, r in enumerate(rows):
             tokens[i, : len(r)], segments[i, : len(r)] = r, 1
-        out = _forward(self.params, tokens, segments, **self._static())
+        out = _forward(self.params, tokens, segments, runtime=self.runtime)
         keep = (slice(len(rows)), slice(longest))
         return np.where(segments[keep][..., None] > 0, to_host(out)[keep], np.float32(0))
 
@@ -96,8 +110,16 @@ class Gemma:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the context of {self.config.max_position}")
         padded = np.zeros((self.batch_rows(len(tokens)), tokens.shape[1]), np.int32)
         padded[: len(tokens)] = tokens
-        out = _logprobs(self.params, padded, **self._static())
+        out = _logprobs(self.params, padded, runtime=self.runtime)
         return to_host(out)[: len(tokens)]
+
+    def scores(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's raw scores: [B labels] (sequence classification) or one [T labels] per row (token)."""
+        return classify.scores(self, inputs)
+
+    def classify(self, inputs: Sequence[str] | Sequence[Sequence[int]]) -> np.ndarray | list[np.ndarray]:
+        """A classifier's probabilities (multi-label: per label; regression: the scores), shaped as `scores`."""
+        return classify.probabilities(self, inputs)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, **options: Any) -> list:
         """New tokens for each prompt: strings in -> strings out, id lists in -> id lists out.
@@ -144,7 +166,7 @@ class Gemma:
         result = generate(
             self.config, self.params, ids, max_new_tokens=max_new_tokens, sampler=sampler,
             temperature=temperature or 1.0, top_p=top_p or 1.0, seed=seed, stop_ids=self.stop_ids(),
-            dtype=self.compute_dtype, on_tokens=watcher, layout=self.layout, quant=self.quant,
+            on_tokens=watcher, runtime=self.runtime,
         )  # fmt: skip
         rows = [until_stop(self.tokenizer, t, stop) if text_mode else (None, t) for t in result.tokens]
         if watcher is not None:
@@ -161,9 +183,6 @@ class Gemma:
         if not prompt:
             raise ValueError("empty prompt")
         return self.tokenizer.encode(prompt, add_bos=True)
-
-    def _static(self) -> dict[str, Any]:
-        return dict(config=self.config, dtype=self.compute_dtype, layout=self.layout, quant=self.quant)
 
     def batch_rows(self, rows: int) -> int:
         """Rows to allocate so that the batch splits evenly over the mesh's batch axes."""
@@ -182,25 +201,20 @@ class Gemma:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
 
 
-def _logits(params, tokens, segments, config: Config, dtype: Any, quant: str | None) -> jax.Array:
+def _logits(params, tokens, segments, runtime: Runtime) -> jax.Array:
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return build(config, dtype=dtype, quant=quant).apply({"params": params}, tokens, positions, segments)[0]
+    return runtime.model().apply({"params": params}, tokens, positions, segments)[0]
 
 
-_STATIC = ("config", "dtype", "layout", "quant")
+@functools.partial(jax.jit, static_argnames=("runtime",))
+def _forward(params, tokens, segments, *, runtime: Runtime):
+    return runtime.constrain(_logits(params, tokens, segments, runtime), (None, None, None))  # every host reads it
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _forward(params, tokens, segments, *, config: Config, dtype: Any, layout: Layout | None, quant: str | None):
-    with activate(layout):
-        return constrain(_logits(params, tokens, segments, config, dtype, quant), (None, None, None))  # every host reads it
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _logprobs(params, tokens, *, config: Config, dtype: Any, layout: Layout | None, quant: str | None):
-    with activate(layout):
-        logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), config, dtype, quant)[:, :-1], axis=-1)
-        return constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None))
+@functools.partial(jax.jit, static_argnames=("runtime",))
+def _logprobs(params, tokens, *, runtime: Runtime):
+    logp = jax.nn.log_softmax(_logits(params, tokens, jnp.ones_like(tokens), runtime)[:, :-1], axis=-1)
+    return runtime.constrain(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], (None, None))
 
 
 def load(

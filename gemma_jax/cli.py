@@ -265,6 +265,34 @@ def _infer(args: argparse.Namespace) -> None:
         )
 
 
+def _classify(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from gemma_jax import distributed
+    from gemma_jax.classify_job import run_classify_job
+
+    start = time.perf_counter()
+    model = _load_model(args)
+    leader = distributed.is_leader()
+    bar = None
+
+    def on_start(total: int) -> None:  # the bar appears once the job's checks passed, as infer's
+        nonlocal bar
+        bar = tqdm(total=total, desc="classify", unit="line", disable=not leader)
+
+    summary = run_classify_job(model, Path(args.input), Path(args.output), batch_size=args.batch_size, strict=args.strict,
+                               write=leader, on_start=on_start, on_batch=lambda n: bar.update(n))  # fmt: skip
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if leader:
+        print(
+            f"{summary.done} lines classified, {summary.skipped} already in {args.output}, {summary.rejected} bad lines; "
+            f"{summary.tokens} tokens in {seconds:.1f}s ({summary.done / seconds:.1f} lines/s); peak RSS {_peak_rss_mib():.0f} MiB",
+            file=sys.stderr,
+        )
+
+
 def _serve(args: argparse.Namespace) -> None:
     from gemma_jax.serve.server import serve
 
@@ -354,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--seed", type=_seed(), default=0)
     inf.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any generation)")
     inf.set_defaults(run=_infer)
+
+    cls = commands.add_parser("classify", help="JSONL classification with a sequence or token classifier checkpoint; restartable")
+    _add_model_args(cls)
+    cls.add_argument("--input", required=True, help='JSONL: {"id", "text"} or {"id", "ids": [token ids]} per line')
+    cls.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    cls.add_argument("--batch-size", type=POSITIVE, default=16, help="lines per forward pass")
+    cls.add_argument("--strict", action="store_true", help="bad input lines are fatal (before any classification)")
+    cls.set_defaults(run=_classify)
 
     srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching")
     _add_model_args(srv)

@@ -84,7 +84,7 @@ class Engine:
         self.max_len = max_len
         self.defaults = dict(temperature=temperature, top_p=top_p)
         self.stop_ids = sampling_args(temperature, top_p, stop_ids)["stop_ids"]
-        self.static = dict(config=model.config, dtype=model.compute_dtype, sampler=sampler, layout=model.layout, quant=model.quant)
+        self.static = dict(runtime=model.runtime, sampler=sampler)
         self.reset()
 
     def reset(self) -> None:

@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_jax.models import Config, build, family_of, init_cache
+from gemma_jax.models import Config, family_of
+from gemma_jax.runtime import Runtime
 from gemma_jax.sampling import Sampler, check_seed
-from gemma_jax.sharding import Layout, activate, constrain, to_host
+from gemma_jax.sharding import Layout, to_host
 
 # New tokens [B, n] (-1 where a row emitted nothing) -> rows to stop [B] bool.
 TokenCallback = Callable[[np.ndarray], np.ndarray]
@@ -84,13 +85,17 @@ def generate(
     chunk: int = 8,
     layout: Layout | None = None,
     quant: str | None = None,
+    runtime: Runtime | None = None,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt (lists of token ids).
 
     `on_tokens` sees every `chunk` steps' new tokens and returns rows to stop. With a `layout`,
     params must already be on its mesh; cache and activations are sharded by its rules and
-    the batch is padded to a multiple of its data-parallel axes.
+    the batch is padded to a multiple of its data-parallel axes. `runtime` (default: from
+    config, dtype, layout and quant with the platform's kernels) is what the programs compile for.
     """
+    runtime = runtime or Runtime.create(config, dtype, layout=layout, quant=quant)
+    layout = runtime.layout
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token lists")
     longest = max(map(len, prompts))
@@ -109,7 +114,7 @@ def generate(
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(check_seed(seed)), jnp.arange(batch))
     limits = np.where(np.arange(batch) < len(prompts), max_new, 0).astype(np.int32)  # padding rows: done at once
     sampling = sampling_args(temperature, top_p, stop_ids)
-    static = dict(config=config, dtype=dtype, sampler=sampler, layout=layout, quant=quant)
+    static = dict(runtime=runtime, sampler=sampler)
 
     state = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
     outputs, host_stop = [], np.zeros(batch, bool)
@@ -126,44 +131,43 @@ def generate(
     return Generation([out[r][out[r] >= 0].tolist() for r in rows], ["stop" if stopped[r] else "length" for r in rows])
 
 
-_STATIC = ("config", "dtype", "sampler", "layout", "quant")
+_STATIC = ("runtime", "sampler")
 
 
-def _sample(sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
+def _sample(runtime: Runtime, sampler: Sampler, logits, keys, count, sampling) -> jax.Array:
     step_keys = jax.vmap(jax.random.fold_in)(keys, count)  # per-row stream: batch-independent
-    return sampler(logits, step_keys, sampling)
+    return sampler(logits, step_keys, sampling, blockwise=runtime.kernels.cpu_unsharded)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("cache_len",))
-def _prefill(params, tokens, lengths, keys, limits, sampling, *, config, dtype, sampler, layout, quant, cache_len) -> DecodeState:
+def _prefill(params, tokens, lengths, keys, limits, sampling, *, runtime: Runtime, sampler, cache_len) -> DecodeState:
     """Run the prompts through the model, filling a fresh cache, and sample each row's first token."""
-    with activate(layout):
-        batch, length = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        segments = (positions < lengths[:, None]).astype(jnp.int32)
-        cache = init_cache(config, batch, cache_len, dtype)
-        model = build(config, dtype=dtype, quant=quant)
-        logits, cache = model.apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
-        count = jnp.zeros(batch, jnp.int32)
-        token = _sample(sampler, logits, keys, count, sampling)
-        return _pin(DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys), family_of(config).cache_axes)
+    batch, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    segments = (positions < lengths[:, None]).astype(jnp.int32)
+    cache = runtime.init_cache(batch, cache_len)
+    logits, cache = runtime.model().apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
+    count = jnp.zeros(batch, jnp.int32)
+    token = _sample(runtime, sampler, logits, keys, count, sampling)
+    return _pin(runtime, DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
 
 
-def _pin(state: DecodeState, cache_axes: dict) -> DecodeState:
+def _pin(runtime: Runtime, state: DecodeState) -> DecodeState:
     """Give every field of the state one fixed layout, so that `_decode` returns the state laid out as it
     received it and its next call reuses the compiled program (left to XLA, a data mesh came back with
     rows split where prefill had replicated them, and the second call recompiled the whole loop).
     done/stopped are read by every host after each call, so they stay replicated."""
+    constrain, axes = runtime.constrain, family_of(runtime.config).cache_axes
     rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-    cache = {name: {k: constrain(x, cache_axes[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
+    cache = {name: {k: constrain(x, axes[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
     return DecodeState(cache, rows(state.token), rows(state.position), rows(state.count),
                        constrain(state.done, (None,)), constrain(state.stopped, (None,)), rows(state.keys))  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
-def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, dtype, sampler, layout, quant, out_len):
+def _decode(params, state: DecodeState, limits, host_stop, sampling, *, runtime: Runtime, sampler, out_len):
     """Emit tokens and decode until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
-    model = build(config, dtype=dtype, quant=quant)
+    model = runtime.model()
 
     def emit(state: DecodeState, out, i):
         is_stop = jnp.isin(state.token, sampling["stop_ids"])
@@ -176,7 +180,7 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, 
     def advance(state: DecodeState) -> DecodeState:
         ones = jnp.ones_like(state.token)[:, None]
         logits, cache = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache, jnp.zeros_like(state.token))
-        token = _sample(sampler, logits, state.keys, state.count, sampling)
+        token = _sample(runtime, sampler, logits, state.keys, state.count, sampling)
         return state._replace(cache=cache, token=token, position=state.position + 1)
 
     def body(carry):
@@ -184,13 +188,12 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, config, 
         state, out = emit(advance(state), out, i)
         return i + 1, state, out
 
-    with activate(layout):
-        stopped = state.stopped | (host_stop & ~state.done)
-        state = state._replace(done=state.done | host_stop, stopped=stopped)
-        state, out = emit(state, jnp.full((state.token.shape[0], out_len), -1, jnp.int32), 0)
-        # emit, then advance only while some row is live. No `cond` inside the loop: one there makes
-        # XLA copy the whole KV cache every step; the one after the loop copies it once per call.
-        cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
-        _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
-        state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
-        return _pin(state, family_of(config).cache_axes), constrain(out, (None, None))  # replicated: every host reads all
+    stopped = state.stopped | (host_stop & ~state.done)
+    state = state._replace(done=state.done | host_stop, stopped=stopped)
+    state, out = emit(state, jnp.full((state.token.shape[0], out_len), -1, jnp.int32), 0)
+    # emit, then advance only while some row is live. No `cond` inside the loop: one there makes
+    # XLA copy the whole KV cache every step; the one after the loop copies it once per call.
+    cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
+    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
+    state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
+    return _pin(runtime, state), runtime.constrain(out, (None, None))  # replicated: every host reads all

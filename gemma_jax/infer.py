@@ -12,12 +12,13 @@ and writes the output file, and its view of what is already done is broadcast to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from gemma_jax.distributed import from_leader
 from gemma_jax.engine import Engine, Finished, Request
 from gemma_jax.generate import bucket, check_max_new_tokens
 from gemma_jax.sampling import Sampler, check_seed
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -41,26 +44,42 @@ def read_requests(
     model: Gemma, path: Path, *, max_new_tokens: int, strict: bool, report: Callable[[str], None]
 ) -> tuple[list[Request], int]:
     """Parse and validate the input file: (requests, bad lines); each bad line is reported as `path:line: reason`."""
-    requests, seen, problems = [], set(), []
+    parse = lambda rid, record: _parse(model, rid, record, max_new_tokens)  # noqa: E731
+    return read_records(path, parse, strict=strict, report=report, nothing_done="nothing was generated")
+
+
+def read_records(
+    path: Path, parse: Callable[[str, dict[str, Any]], T], *, strict: bool, report: Callable[[str], None], nothing_done: str
+) -> tuple[list[T], int]:
+    """A JSONL job input: (parse(id, record) of each good line, number of bad lines).
+
+    Every line must be a JSON object with a unique "id" (string or integer); `parse` raises
+    ValueError or TypeError for anything else it refuses. Each bad line is reported as
+    `path:line: reason` and skipped, or, with `strict`, all of them fail the job before any work
+    (`nothing_done` says what was not done).
+    """
+    items, seen, problems = [], set(), []
     for number, line in enumerate(_lines(path), start=1):
         try:  # each line decoded alone: one bad byte costs its line, not the job
             text = line.decode("utf-8")
             if not text.strip():
                 continue
-            request = _parse(model, json.loads(text), seen, max_new_tokens)
+            record = json.loads(text)
+            rid = _record_id(record, seen)
+            item = parse(rid, record)
         except UnicodeDecodeError as err:
             problems.append(f"{path}:{number}: not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})")
             continue
         except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
             problems.append(f"{path}:{number}: {err}")
             continue
-        seen.add(request.id)
-        requests.append(request)
+        seen.add(rid)
+        items.append(item)
     for problem in problems:
         report(problem)
     if problems and strict:
-        raise ValueError(f"{len(problems)} bad input line(s) in {path} (first: {problems[0]}); nothing was generated")
-    return requests, len(problems)
+        raise ValueError(f"{len(problems)} bad input line(s) in {path} (first: {problems[0]}); {nothing_done}")
+    return items, len(problems)
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -72,7 +91,7 @@ def _lines(path: Path) -> Iterator[bytes]:
         raise ValueError(f"{path}: cannot read: {err.strerror}") from None
 
 
-def _parse(model: Gemma, record: Any, seen: set[str], max_new_tokens: int) -> Request:
+def _record_id(record: Any, seen: set[str]) -> str:
     if not isinstance(record, dict):
         raise ValueError("a line must be a JSON object")
     if "id" not in record or not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
@@ -80,6 +99,10 @@ def _parse(model: Gemma, record: Any, seen: set[str], max_new_tokens: int) -> Re
     rid = str(record["id"])
     if rid in seen:
         raise ValueError(f"duplicate id {rid!r}")
+    return rid
+
+
+def _parse(model: Gemma, rid: str, record: dict[str, Any], max_new_tokens: int) -> Request:
     if "messages" in record:
         ids = model.tokenizer.encode_chat(record["messages"])
     elif isinstance(record.get("prompt"), str) and record["prompt"]:
@@ -139,9 +162,7 @@ def run_job(
     check_seed(seed)
     sampler = Sampler.create(temperature, None, top_p)
     requests, rejected = read_requests(model, input_path, max_new_tokens=max_new_tokens, strict=strict, report=report)
-    with _open_output(output_path, input_path) if write else open(os.devnull, "w") as out:
-        done_before = completed_ids(output_path) if write else set()
-        done = from_leader(np.array([r.id in done_before for r in requests], bool))  # the writer's file decides
+    with results_file(output_path, input_path, [r.id for r in requests], write) as (out, done):
         todo = sorted((r for r, d in zip(requests, done) if not d), key=lambda r: len(r.prompt))  # bucket-friendly
         summary = JobSummary(0, len(requests) - len(todo), rejected, 0, 0)
         if on_start is not None:
@@ -166,6 +187,24 @@ def run_job(
     return summary
 
 
+@contextlib.contextmanager
+def results_file(output_path: Path, input_path: Path, ids: list[str], write: bool) -> Iterator[tuple[IO[str], np.ndarray]]:
+    """(the output file opened for appending, which of `ids` it already holds), the same on every process.
+
+    Without `write` (processes other than the writer) the file is /dev/null, and what is done
+    comes from the writer (process 0).
+    """
+    with _open_output(output_path, input_path) if write else open(os.devnull, "w") as out:
+        done_before = completed_ids(output_path) if write else set()
+        yield out, from_leader(np.array([i in done_before for i in ids], bool))  # the writer's file decides
+
+
+def make_durable(out: IO[str]) -> None:
+    """What was written to `out` is on disk before the job goes on (a kill then loses nothing written)."""
+    out.flush()
+    os.fsync(out.fileno())
+
+
 def _open_output(path: Path, input_path: Path):
     """The output file, opened for appending before any work; one that cannot be written is a one-line error."""
     if path.exists() and input_path.exists() and os.path.samefile(path, input_path):
@@ -180,5 +219,4 @@ def _flushing(results: Iterator[Finished], out) -> Iterator[Finished]:
     """Pass results through, making what was written durable before the engine decodes on."""
     for result in results:
         yield result
-        out.flush()
-        os.fsync(out.fileno())
+        make_durable(out)

@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_jax.kernels import int8_einsum, projection_dims
-from gemma_jax.sharding import mesh_layout
+from gemma_jax.kernels import Kernels, int8_einsum, projection_dims
 
 Array = jax.Array
 
@@ -34,6 +33,7 @@ class Einsum(nn.Module):
     axes: tuple[str, ...]
     param_dtype: jnp.dtype = jnp.float32
     quant: str | None = None  # "w8a8" / "w8a16": create int8 params at init; activation mode at apply
+    kernels: Kernels = Kernels()  # which int8 backend, on which mesh layout
 
     @nn.compact
     def __call__(self, eqn: str, x: Array) -> Array:
@@ -44,10 +44,10 @@ class Einsum(nn.Module):
             w = self.param("w", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), self.shape, jnp.int8)
             out_axes, out_shape = self.axes[: len(fan_out)], self.shape[: len(fan_out)]
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, out_axes), out_shape, jnp.float32)
-            return int8_einsum(eqn, x, w, scale, scheme=_scheme(self.quant), w_axes=self.axes)
+            return int8_einsum(eqn, x, w, scale, scheme=_scheme(self.quant), w_axes=self.axes, kernels=self.kernels)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=fan_in, out_axis=fan_out)
         w = self.param("w", nn.with_logical_partitioning(init, self.axes), self.shape, self.param_dtype)
-        return project(eqn, x, w.astype(x.dtype))
+        return project(eqn, x, w.astype(x.dtype), self.kernels)
 
 
 # Up to this many rows (decode batches), XLA:CPU runs a projection faster as w . xᵀ into an
@@ -57,13 +57,7 @@ class Einsum(nn.Module):
 _WEIGHT_MAJOR_ROWS = 64
 
 
-def cpu_unsharded() -> bool:
-    """Whether what is traced runs on one CPU device, where the CPU-specific orderings below pay off
-    (on a mesh, GSPMD partitions the plain forms)."""
-    return jax.default_backend() == "cpu" and mesh_layout() is None
-
-
-def project(eqn: str, x: Array, w: Array, **kwargs) -> Array:
+def project(eqn: str, x: Array, w: Array, kernels: Kernels, **kwargs) -> Array:
     """A float projection (see `Einsum`): `jnp.einsum(eqn, x, w)`, ordered for the backend on CPU."""
     x_dims, w_dims, out_dims, n = projection_dims(eqn)
     if n > 1:  # contract one merged dim: otherwise XLA may relayout the whole weight to suit x, every call
@@ -71,7 +65,7 @@ def project(eqn: str, x: Array, w: Array, **kwargs) -> Array:
         x, w = x.reshape(*x.shape[: x.ndim - n], -1), w.reshape(*w.shape[: w.ndim - n], -1)
         x_dims, w_dims = x_dims[: len(x_dims) - n] + z, w_dims[: len(w_dims) - n] + z
         eqn, n = f"{x_dims},{w_dims}->{out_dims}", 1
-    if not cpu_unsharded() or math.prod(x.shape[: x.ndim - n]) > _WEIGHT_MAJOR_ROWS:
+    if not kernels.cpu_unsharded or math.prod(x.shape[: x.ndim - n]) > _WEIGHT_MAJOR_ROWS:
         return jnp.einsum(eqn, x, w, **kwargs)
     w_out, x_out = w_dims[: len(w_dims) - n], x_dims[: len(x_dims) - n]
     y = jnp.einsum(f"{w_dims},{x_dims}->{w_out}{x_out}", w, x, **kwargs)
@@ -86,6 +80,7 @@ class Embedder(nn.Module):
     embed_dim: int
     param_dtype: jnp.dtype = jnp.float32
     quant: str | None = None  # int8 rows with per-row scales (see the module docstring)
+    kernels: Kernels = Kernels()
     input_scale: float | None = None  # multiplies rows on the way in; None: sqrt(embed_dim)
     AXES = ("vocab", "embed")  # logical axes of the table (a constant, not a module field)
 
@@ -112,8 +107,8 @@ class Embedder(nn.Module):
         """[... D] -> float32 logits [... V]."""
         if self.embedding.dtype == jnp.int8:
             return int8_einsum("...D,VD->...V", x, self.embedding, self.scale, scheme=_scheme(self.quant),
-                               w_axes=self.AXES, out_dtype=jnp.float32)  # fmt: skip
-        return project("...D,VD->...V", x, self.embedding.astype(x.dtype), preferred_element_type=jnp.float32)
+                               w_axes=self.AXES, out_dtype=jnp.float32, kernels=self.kernels)  # fmt: skip
+        return project("...D,VD->...V", x, self.embedding.astype(x.dtype), self.kernels, preferred_element_type=jnp.float32)
 
 
 def _scheme(quant: str | None) -> str:

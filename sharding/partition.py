@@ -8,11 +8,9 @@ query heads are split. Results are always valid layouts, never errors.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -58,34 +56,8 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-_active = threading.local()
-
-
-@contextlib.contextmanager
-def activate(layout: Layout | None) -> Iterator[None]:
-    """Make `constrain` place activations on `layout` while tracing inside this block."""
-    previous = getattr(_active, "layout", None)
-    _active.layout = layout
-    try:
-        yield
-    finally:
-        _active.layout = previous
-
-
-def active_layout() -> Layout | None:
-    """The layout `activate` set for the code being traced (None outside any)."""
-    return getattr(_active, "layout", None)
-
-
-def mesh_layout() -> Layout | None:
-    """The active layout when it spans more than one device: where GSPMD partitions what is traced."""
-    layout = active_layout()
-    return layout if layout is not None and layout.mesh.size > 1 else None
-
-
-def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
-    """Pin an activation's layout (by logical axis names) under the active layout; identity otherwise."""
-    layout = active_layout()
+def constrain(x: jax.Array, axes: LogicalAxes, layout: Layout | None) -> jax.Array:
+    """Pin an activation's layout (by logical axis names) on `layout`; identity without one."""
     if layout is None:
         return x
     return jax.lax.with_sharding_constraint(x, layout.sharding(axes, x.shape))

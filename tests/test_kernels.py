@@ -12,7 +12,7 @@ import pytest
 from gemma_jax.models.gemma import GemmaConfig
 from gemma_jax.models.gemma.model import Transformer, init_cache
 from gemma_jax.models import init_params, param_axes
-from gemma_jax.kernels import dispatch, gpu, int8_einsum, quantize_rows, reference, resolve_backend, split_of, tpu, use_backend
+from gemma_jax.kernels import Kernels, backend, gpu, int8_einsum, quantize_rows, reference, split_of, tpu
 from gemma_jax.kernels import w8a8_matmul, w8a16_matmul
 
 # (M, K, N): M = 1 and decode-sized rows, K and N off the 128 grid, several blocks per axis.
@@ -60,7 +60,7 @@ def test_zero_rows_give_zeros_not_nan(backend):
     x = x.at[1].set(0.0).at[3].set(0.0)
     ws = ws.at[5].set(0.0)
     for fn in (w8a8_matmul, w8a16_matmul):
-        y = np.asarray(fn(x, wq, ws, backend=backend))
+        y = np.asarray(fn(x, wq, ws, kernels=Kernels(int8=backend, interpret=True)))
         assert np.isfinite(y).all()
         assert not y[[1, 3]].any() and not y[:, 5].any()
     xq, xs = quantize_rows(x)
@@ -91,7 +91,8 @@ def test_gradients_match_reference(backend):
         "w8a8": (w8a8_matmul, lambda x, ws: _ste_w8a8(x, wq, ws)),
     }
     for name, (fn, ref) in cases.items():
-        ours = jax.grad(lambda x, ws: jnp.sum(fn(x, wq, ws, backend=backend) * probe), argnums=(0, 1))(x, ws)
+        kernels = Kernels(int8=backend, interpret=True)
+        ours = jax.grad(lambda x, ws: jnp.sum(fn(x, wq, ws, kernels=kernels) * probe), argnums=(0, 1))(x, ws)
         want = jax.grad(lambda x, ws: jnp.sum(ref(x, ws) * probe), argnums=(0, 1))(x, ws)
         for got, exp in zip(ours, want):
             np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4 * np.abs(exp).max(), err_msg=name)
@@ -121,17 +122,16 @@ def test_int8_einsum_maps_projections_to_matmuls():
 
 
 def test_backend_dispatch_is_overridable(monkeypatch):
-    assert resolve_backend() == "xla"  # CPU default
-    with use_backend("tpu"):
-        assert resolve_backend() == "tpu"
-        assert resolve_backend("gpu") == "gpu"  # an explicit argument wins
+    assert Kernels.for_platform().int8 == "xla"  # CPU default
+    assert Kernels.for_platform(int8="tpu").int8 == "tpu"
     monkeypatch.setenv("GEMMA_JAX_INT8_BACKEND", "gpu")
-    assert resolve_backend() == "gpu"
+    assert Kernels.for_platform().int8 == "gpu"
+    assert Kernels.for_platform(int8="tpu").int8 == "tpu"  # an explicit argument wins
     with pytest.raises(ValueError, match="unknown int8 backend"):
-        resolve_backend("cuda")
+        Kernels(int8="cuda")
+    monkeypatch.setenv("GEMMA_JAX_INT8_BACKEND", "mosaic")
     with pytest.raises(ValueError, match="unknown int8 backend"):
-        with use_backend("mosaic"):
-            pass
+        Kernels.for_platform()
 
 
 def _model_shapes(preset: str) -> set[tuple[int, int]]:
@@ -168,7 +168,7 @@ def test_quantized_model_lowers_for_tpu(preset, scheme):
     decode step each run every projection and the tied head as a Mosaic kernel."""
     config = GemmaConfig.from_preset(preset).replace(num_layers=2)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.bfloat16, quant=scheme))
-    net = Transformer(config, jnp.bfloat16, jnp.bfloat16, quant=scheme)
+    net = Transformer(config, jnp.bfloat16, jnp.bfloat16, quant=scheme, kernels=Kernels(int8="tpu", interpret=False))
 
     def forward(params, tokens, cache):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -178,8 +178,7 @@ def test_quantized_model_lowers_for_tpu(preset, scheme):
     for batch, length in ((2, 1024), (8, 1)):  # prefill M = 2048, decode M = 8
         cache = jax.eval_shape(lambda: init_cache(config, batch, 2048, jnp.bfloat16))
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-        with use_backend("tpu", interpret=False):
-            text = jax.export.export(jax.jit(forward), platforms=("tpu",))(params, tokens, cache).mlir_module()
+        text = jax.export.export(jax.jit(forward), platforms=("tpu",))(params, tokens, cache).mlir_module()
         calls = re.findall(r"call @(matmul\w*)\(", text)  # each distinct kernel is one private function
         assert len(calls) == 7 * config.num_layers + 1, (batch, length, calls)
         assert text.count("custom_call @tpu_custom_call") == len(set(calls))
@@ -189,24 +188,22 @@ def test_quantized_model_lowers_for_tpu(preset, scheme):
 def test_sharded_quantized_model_lowers_for_tpu(scheme):
     """On a (data=2, tensor=4) mesh the int8 model still lowers to Mosaic kernels, one per projection, run per
     shard: partial sums meet in all-reduces and no weight is all-gathered."""
-    from gemma_jax.sharding import INFERENCE, Layout, activate, make_mesh, tree_shardings
+    from gemma_jax.sharding import INFERENCE, Layout, make_mesh, tree_shardings
 
     config = GemmaConfig.from_preset("gemma2-9b").replace(num_layers=2)
     layout = Layout(make_mesh("data=2,tensor=4"), INFERENCE)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.bfloat16, quant=scheme))
     shardings = tree_shardings(layout, param_axes(config, scheme), params)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-    net = Transformer(config, jnp.bfloat16, jnp.bfloat16, quant=scheme)
+    net = Transformer(config, jnp.bfloat16, jnp.bfloat16, quant=scheme, kernels=Kernels(layout, int8="tpu", interpret=False))
 
     def forward(params, tokens):
-        with activate(layout):
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-            return net.apply({"params": params}, tokens, positions, jnp.ones_like(tokens))[0]
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return net.apply({"params": params}, tokens, positions, jnp.ones_like(tokens))[0]
 
     for batch, length in ((2, 512), (8, 1)):
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=layout.sharding(("act_batch", None), (batch, length)))
-        with use_backend("tpu", interpret=False):
-            exported = jax.export.export(jax.jit(forward), platforms=("tpu",))(params, tokens)
+        exported = jax.export.export(jax.jit(forward), platforms=("tpu",))(params, tokens)
         text = exported.mlir_module()
         assert exported.nr_devices == 8 and len(re.findall(r"call @(matmul\w*)\(", text)) == 7 * config.num_layers + 1
         assert "tpu_custom_call" in text and "all_reduce" in text and "all_gather" not in text
@@ -238,25 +235,25 @@ def test_default_blocks_fit_gemma_shapes_without_weight_padding():
 
 def test_platform_defaults():
     """Pallas on TPU v5e+ (per shard on a mesh); XLA on v4 (no int8 MXU gain), GPU (kernel unmeasured) and CPU."""
-    assert dispatch.platform_default("tpu", "TPU v5 lite") == "tpu"
-    assert dispatch.platform_default("tpu", "TPU v6e") == "tpu"
-    assert dispatch.platform_default("tpu", "TPU v4") == "xla"
-    assert dispatch.platform_default("gpu", "NVIDIA H100 80GB HBM3") == "xla"
-    assert dispatch.platform_default("cpu", "cpu") == "xla"
+    assert backend.platform_default("tpu", "TPU v5 lite") == "tpu"
+    assert backend.platform_default("tpu", "TPU v6e") == "tpu"
+    assert backend.platform_default("tpu", "TPU v4") == "xla"
+    assert backend.platform_default("gpu", "NVIDIA H100 80GB HBM3") == "xla"
+    assert backend.platform_default("cpu", "cpu") == "xla"
 
 
 def test_split_follows_the_layout():
     """Which mesh axes split rows, contraction and output; None where shard_map cannot express the layout."""
-    from gemma_jax.sharding import INFERENCE, TRAINING, Layout, activate, make_mesh
+    from gemma_jax.sharding import INFERENCE, TRAINING, Layout, make_mesh
 
-    assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4) is None  # no layout
-    with activate(Layout(make_mesh("data=2,tensor=4"), INFERENCE)):
-        q = split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4)
-        o = split_of(("q_heads", "head_dim", "embed"), (8, 16, 64), (0, 1), 4)
-        assert (q.m, q.k, q.n) == (("data",), (), ("tensor",)) and (o.m, o.k, o.n) == (("data",), ("tensor",), ())
-        assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 3).m == ()  # 3 rows: not split
-    with activate(Layout(make_mesh("fsdp=2,tensor=4"), TRAINING)):
-        up = split_of(("embed", "mlp"), (64, 32), (0,), 4)  # embed on fsdp, which also splits rows: gathered
-        assert (up.m, up.k, up.n) == (("fsdp",), (), ("tensor",))
-    with activate(Layout(make_mesh("data=2,tensor=4"), (("head_dim", ("tensor",)),))):
-        assert split_of(("embed", "q_heads", "head_dim"), (64, 3, 16), (0,), 4) is None  # trailing dim split
+    assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4, None) is None  # no layout
+    layout = Layout(make_mesh("data=2,tensor=4"), INFERENCE)
+    q = split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 4, layout)
+    o = split_of(("q_heads", "head_dim", "embed"), (8, 16, 64), (0, 1), 4, layout)
+    assert (q.m, q.k, q.n) == (("data",), (), ("tensor",)) and (o.m, o.k, o.n) == (("data",), ("tensor",), ())
+    assert split_of(("embed", "q_heads", "head_dim"), (64, 8, 16), (0,), 3, layout).m == ()  # 3 rows: not split
+    layout = Layout(make_mesh("fsdp=2,tensor=4"), TRAINING)
+    up = split_of(("embed", "mlp"), (64, 32), (0,), 4, layout)  # embed on fsdp, which also splits rows: gathered
+    assert (up.m, up.k, up.n) == (("fsdp",), (), ("tensor",))
+    layout = Layout(make_mesh("data=2,tensor=4"), (("head_dim", ("tensor",)),))
+    assert split_of(("embed", "q_heads", "head_dim"), (64, 3, 16), (0,), 4, layout) is None  # trailing dim split

@@ -18,8 +18,8 @@ from gemma_jax.models.gemma.model import Transformer, init_cache
 from gemma_jax.models import init_params, param_axes
 from gemma_jax.quant import input_absmax, quantize_params, quantize_weight, smooth
 from gemma_jax.tiny import tiny_config
-from gemma_jax.kernels import use_backend
-from gemma_jax.sharding import INFERENCE, TRAINING, Layout, activate, make_mesh, tree_shardings
+from gemma_jax.kernels import Kernels
+from gemma_jax.sharding import INFERENCE, TRAINING, Layout, make_mesh, tree_shardings
 
 SCHEMES = ("w8a16", "w8a8")
 
@@ -188,14 +188,13 @@ def test_sharded_quantized_logits_equal_unsharded(model, scheme, spec):
     assert {s.data.shape[0] for s in gate["w"].addressable_shards} == {config.mlp_dim // layout.divisor("mlp")}
     tokens, positions, segments = _batch(config.vocab_size)
 
-    def forward(params, layout):
-        with activate(layout):
-            return Transformer(config, quant=scheme).apply({"params": params}, tokens, positions, segments)[0]
+    def forward(params, kernels):
+        return Transformer(config, quant=scheme, kernels=kernels).apply({"params": params}, tokens, positions, segments)[0]
 
-    want = jax.jit(functools.partial(forward, layout=None))(qparams)
-    with use_backend("tpu"):
-        program = str(jax.make_jaxpr(functools.partial(forward, layout=layout))(placed))
-        got = jax.jit(functools.partial(forward, layout=layout))(placed)
+    want = jax.jit(functools.partial(forward, kernels=Kernels()))(qparams)
+    tpu_on_mesh = Kernels(layout, int8="tpu", interpret=True)
+    program = str(jax.make_jaxpr(functools.partial(forward, kernels=tpu_on_mesh))(placed))
+    got = jax.jit(functools.partial(forward, kernels=tpu_on_mesh))(placed)
     assert program.count("shard_map") >= 7 * config.num_layers and "pallas_call" in program
     if scheme == "w8a8":
         assert "pmax" in program  # per-token scales over the whole row, when the contraction is split

@@ -153,6 +153,8 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
     family = family_of(config)
     if family.gguf is None or config.model_type not in family.gguf.ARCHS:
         raise ValueError(f"model_type {config.model_type!r} has no GGUF architecture")
+    if not config.head.is_lm:  # llama.cpp has no tensor name for a classifier's score head
+        raise ValueError(f"GGUF holds causal LMs only; this is a {config.head.task} checkpoint (convert it to hf or orbax)")
     if source.tokenizer is None:
         raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
     meta = _metadata_for(family, config, Tokenizer(source.tokenizer), type)

@@ -1,6 +1,6 @@
 """Full-sequence attention on TPU with Pallas' splash attention kernel (`jax.experimental.pallas.ops.tpu`).
 
-The dense XLA path (model.py) materialises [B N T S] float32 logits: at T = S = 8192 that is
+The dense XLA path (models/gemma/model.py) materialises [B N T S] float32 logits: at T = S = 8192 that is
 256 MiB per head and row, which is what long prefills and fine-tuning at full context would
 hold in HBM. Splash attention streams key blocks through VMEM with an online softmax, skips
 blocks the mask rules out (a sliding window touches only window / S of them) and applies
@@ -16,53 +16,36 @@ positions rise by one within each segment, as they do for every batch the librar
 GQA runs the multi-query kernel once per KV head, over that head's G query heads. On a mesh
 the kernel runs per shard under `shard_map`: batch over the data axes, KV heads over `tensor`
 when they divide it (otherwise each tensor shard computes every head: correct, redundant).
-The default is "splash" on TPU and "xla" elsewhere; `use_attention` overrides it (on CPU it
-runs the kernel in interpret mode, which is how the tests check it).
+A `Kernels` value chooses it (`Kernels.for_platform`: "splash" on TPU, "xla" elsewhere; its
+interpret mode runs the kernel on CPU, which is how the tests check it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from typing import Iterator
 
 import jax
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
-from gemma_jax.sharding import mesh_layout
+from gemma_jax.kernels.backend import Kernels
 
 Array = jax.Array
-IMPLEMENTATIONS = ("xla", "splash")
 _BLOCK = 128  # splash's tiling unit: sequence lengths must be multiples of it
-_override: list[tuple[str, bool | None]] = []
 
 
-@contextlib.contextmanager
-def use_attention(name: str, *, interpret: bool | None = None) -> Iterator[None]:
-    """Trace full-sequence attention inside this block with `name` ("xla" or "splash"); `interpret`
-    as for the int8 kernels (default: on exactly when the default device is a CPU)."""
-    if name not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {name!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
-    _override.append((name, interpret))
-    try:
-        yield
-    finally:
-        _override.pop()
-
-
-def splash_applies(length: int) -> bool:
+def splash_applies(length: int, kernels: Kernels) -> bool:
     """Will full-sequence attention over `length` tokens run the splash kernel?"""
-    name = _override[-1][0] if _override else "splash" if jax.default_backend() == "tpu" else "xla"
-    return name == "splash" and length % _BLOCK == 0
+    return kernels.attention == "splash" and length % _BLOCK == 0
 
 
-def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, window: int | None, soft_cap: float | None) -> Array:
+def splash_attention(
+    q: Array, k: Array, v: Array, segment_ids: Array, *, window: int | None, soft_cap: float | None, kernels: Kernels
+) -> Array:
     """q [B T K G H] (already scaled), k and v [B T K H], segment_ids [B T] (0 = padding) -> [B T K G H]."""
-    interpret = _override[-1][1] if _override and _override[-1][1] is not None else jax.default_backend() == "cpu"
     B, T, K, G, H = q.shape
-    kernel = _kernel(T, G, window, soft_cap, interpret)
+    kernel = _kernel(T, G, window, soft_cap, kernels.interpret)
 
     def local(q, k, v, segment_ids):  # one shard: [b T k G H], [b T k H], [b T]
         per_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=s), in_axes=(0, 0, 0, None))  # over k
@@ -70,7 +53,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array, *, window
         out = per_row(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids)
         return out.transpose(0, 3, 1, 2, 4)  # b k G T H -> b T k G H
 
-    layout = mesh_layout()
+    layout = kernels.mesh_layout
     if layout is None:
         return local(q, k, v, segment_ids)
     batch, heads = (layout.spec(("act_batch", "act_kv_heads"), (B, K))[i] for i in (0, 1))

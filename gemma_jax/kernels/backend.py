@@ -60,6 +60,12 @@ class Kernels:
         """The layout when it spans more than one device: where GSPMD partitions what is traced."""
         return self.layout if self.layout is not None and self.layout.mesh.size > 1 else None
 
+    @property
+    def cpu_unsharded(self) -> bool:
+        """Whether the program runs on one CPU device, where the CPU-specific orderings of `layers.project`
+        and `sampling.argmax` pay off (on a mesh, GSPMD partitions the plain forms)."""
+        return jax.default_backend() == "cpu" and self.mesh_layout is None
+
     def constrain(self, x: jax.Array, axes) -> jax.Array:
         """Pin an activation's layout by logical axis names (identity without a layout)."""
         return constrain(x, axes, self.layout)

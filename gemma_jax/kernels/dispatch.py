@@ -1,15 +1,10 @@
 """W8A8 / W8A16 matmuls with float activations in and out: backend choice and gradients.
 
 Backends: "xla" (`reference`, any device; GSPMD partitions it), "tpu" (Mosaic kernels) and
-"gpu" (Triton kernels). Pallas backends run in interpret mode when the default device is a
-CPU, which is how the tests exercise them (`use_backend(..., interpret=False)` lowers the real
-kernels instead, for `jax.export` to a TPU or GPU). The default is "tpu" on TPU v5e and later, "xla"
-elsewhere: on TPU v4 (no int8 MXU speed-up), on GPU until the Triton kernel is measured
-against XLA's cuBLASLt int8 path, and on CPU. Override with `use_backend(...)`, the `GEMMA_JAX_INT8_BACKEND` variable or the
-`backend=` argument. The choice is read when a function is traced: set it before the first
-call of a jitted function, since jit does not retrace when it changes.
+"gpu" (Triton kernels), chosen by the caller's `Kernels` value (see `kernels/backend.py`: its
+platform defaults, interpret mode for CPU tests, and why the choice is never global state).
 
-On a mesh (a multi-device `sharding.activate` layout), a `pallas_call` is opaque to GSPMD,
+On a mesh (a multi-device `Kernels.layout`), a `pallas_call` is opaque to GSPMD,
 which would gather whole weights onto every device; so Pallas backends run per shard under
 `shard_map` (see `Split`): tensor-parallel projections multiply their local weight blocks and
 add partial sums with one `psum`, as GSPMD would. Layouts a `Split` cannot express take the
@@ -23,11 +18,9 @@ estimator, treating the activation rounding as identity. The weight-scale gradie
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
-from typing import Any, Iterator
+from typing import Any
 
 from collections.abc import Sequence
 
@@ -36,56 +29,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from gemma_jax.kernels import gpu, reference, tpu
-from gemma_jax.sharding import mesh_layout
+from gemma_jax.kernels.backend import Kernels
+from gemma_jax.sharding import Layout
 
 Array = jax.Array
-BACKENDS = ("xla", "tpu", "gpu")
-_ENV = "GEMMA_JAX_INT8_BACKEND"
-_override: list[tuple[str, bool | None]] = []  # (backend, interpret) of the innermost `use_backend`
-
-
-@contextlib.contextmanager
-def use_backend(name: str, *, interpret: bool | None = None) -> Iterator[None]:
-    """Trace int8 matmuls inside this block with backend `name` ("xla", "tpu" or "gpu").
-
-    `interpret` forces Pallas interpret mode on or off (default: on exactly when the default
-    device is a CPU); off on a CPU is for `jax.export` to a TPU or GPU target.
-    """
-    _override.append((_check(name), interpret))
-    try:
-        yield
-    finally:
-        _override.pop()
-
-
-def resolve_backend(backend: str | None = None) -> str:
-    """The backend a call will use: the argument, else `use_backend`, else the environment, else the platform default."""
-    if backend is not None:
-        return _check(backend)
-    if _override:
-        return _override[-1][0]
-    if os.environ.get(_ENV):
-        return _check(os.environ[_ENV])
-    device = jax.devices()[0]
-    return platform_default(device.platform, device.device_kind)
-
-
-def platform_default(platform: str, device_kind: str) -> str:
-    """Pallas on TPU v5e and later; XLA everywhere else (see the module docstring)."""
-    return "tpu" if platform == "tpu" and "v4" not in device_kind.lower() else "xla"
-
-
-def _interpret() -> bool:
-    forced = _override[-1][1] if _override else None
-    return jax.default_backend() == "cpu" if forced is None else forced
-
-
-def _check(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown int8 backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    return name
-
-
 @dataclasses.dataclass(frozen=True)
 class Split:
     """Where a matmul runs on a mesh, per shard: the mesh axes of x's rows (m), of the contraction (k)
@@ -98,15 +45,16 @@ class Split:
     n: tuple[str, ...]
 
 
-def split_of(w_axes: Sequence[str | None], w_shape: Sequence[int], contracted: Sequence[int], rows: int) -> Split | None:
-    """The `Split` of an int8 weight (logical `w_axes`, `contracted` dims) times `rows` tokens under the active
-    layout; None without a multi-device layout, or when a flattened dim's mesh split is not one contiguous
+def split_of(
+    w_axes: Sequence[str | None], w_shape: Sequence[int], contracted: Sequence[int], rows: int, layout: Layout | None
+) -> Split | None:
+    """The `Split` of an int8 weight (logical `w_axes`, `contracted` dims) times `rows` tokens on a multi-device
+    `layout`; None without one, or when a flattened dim's mesh split is not one contiguous
     block (a sharded dim that is not the first of its group), which only GSPMD (the XLA path) can run.
 
     Mesh axes that split the rows are dropped from the weight (gathered first, as FSDP does).
     """
-    layout = mesh_layout()
-    if layout is None:
+    if layout is None or layout.mesh.size == 1:
         return None
     spec = tuple(layout.spec(w_axes, w_shape))
     m = _names(layout.spec(("act_batch",), (rows,))[0])
@@ -165,29 +113,29 @@ class _Call:
 
 
 def w8a8_matmul(
-    x: Array, wq: Array, ws: Array, *, w_transposed: bool = False, out_dtype=None, backend: str | None = None,
+    x: Array, wq: Array, ws: Array, *, w_transposed: bool = False, out_dtype=None, kernels: Kernels = Kernels(),
     blocks=None, split: Split | None = None,
 ) -> Array:  # fmt: skip
     """x [M K] float -> [M N] (x's dtype unless `out_dtype`): x quantized per row, int8 x int8 -> int32, rescaled.
 
     On a mesh, `split` (see `split_of`) runs a Pallas backend per shard; without one it falls back to XLA.
     """
-    return _int8(_call(True, x, w_transposed, out_dtype, backend, blocks, split), x, wq, ws)
+    return _int8(_call(True, x, w_transposed, out_dtype, kernels, blocks, split), x, wq, ws)
 
 
 def w8a16_matmul(
-    x: Array, wq: Array, ws: Array, *, w_transposed: bool = False, out_dtype=None, backend: str | None = None,
+    x: Array, wq: Array, ws: Array, *, w_transposed: bool = False, out_dtype=None, kernels: Kernels = Kernels(),
     blocks=None, split: Split | None = None,
 ) -> Array:  # fmt: skip
     """x [M K] float -> [M N]: weight-only int8, dequantized inside the kernel, float accumulation."""
-    return _int8(_call(False, x, w_transposed, out_dtype, backend, blocks, split), x, wq, ws)
+    return _int8(_call(False, x, w_transposed, out_dtype, kernels, blocks, split), x, wq, ws)
 
 
-def _call(w8a8: bool, x: Array, w_transposed: bool, out_dtype, backend: str | None, blocks, split: Split | None) -> _Call:
-    name = resolve_backend(backend)
-    if mesh_layout() is not None and (name == "xla" or split is None):
+def _call(w8a8: bool, x: Array, w_transposed: bool, out_dtype, kernels: Kernels, blocks, split: Split | None) -> _Call:
+    name = kernels.int8
+    if kernels.mesh_layout is not None and (name == "xla" or split is None):
         name, split = "xla", None  # GSPMD partitions the XLA path itself; a pallas_call is opaque to it
-    return _Call(w8a8, name, w_transposed, jnp.dtype(out_dtype or x.dtype), blocks, _interpret(), split)
+    return _Call(w8a8, name, w_transposed, jnp.dtype(out_dtype or x.dtype), blocks, kernels.interpret, split)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -13,6 +13,7 @@ import math
 
 import jax
 
+from gemma_jax.kernels.backend import Kernels
 from gemma_jax.kernels.dispatch import split_of, w8a8_matmul, w8a16_matmul
 
 Array = jax.Array
@@ -34,13 +35,14 @@ def projection_dims(eqn: str) -> tuple[str, str, str, int]:
 
 
 def int8_einsum(
-    eqn: str, x: Array, wq: Array, ws: Array, *, scheme: str, w_axes: tuple[str, ...] | None = None, out_dtype=None
-) -> Array:
+    eqn: str, x: Array, wq: Array, ws: Array, *, scheme: str, w_axes: tuple[str, ...] | None = None, out_dtype=None,
+    kernels: Kernels = Kernels(),
+) -> Array:  # fmt: skip
     """`eqn` applied to x and the int8 weight wq (scales ws over its output dims), in `out_dtype` (default x's).
 
     scheme "w8a8" also quantizes x per token (all of x's leading dims form the token axis M);
-    "w8a16" keeps x in its float dtype. `w_axes` (wq's logical axes) lets a Pallas backend run
-    per shard under a sharding layout (see `dispatch.split_of`).
+    "w8a16" keeps x in its float dtype. `kernels` picks the backend; `w_axes` (wq's logical axes)
+    lets a Pallas backend run per shard on `kernels.layout` (see `dispatch.split_of`).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -50,6 +52,7 @@ def int8_einsum(
         raise ValueError(f"int8 einsum {eqn!r}: scale shape {ws.shape} is not the weight's output shape {out}")
     K, N, M = math.prod(wq.shape[len(out) :]), math.prod(out), math.prod(x.shape[: x.ndim - n])
     matmul = w8a8_matmul if scheme == "w8a8" else w8a16_matmul
-    split = None if w_axes is None else split_of(w_axes, wq.shape, tuple(range(len(out), wq.ndim)), M)
-    y = matmul(x.reshape(M, K), wq.reshape(N, K), ws.reshape(N), w_transposed=True, out_dtype=out_dtype, split=split)  # [M N]
+    split = None if w_axes is None else split_of(w_axes, wq.shape, tuple(range(len(out), wq.ndim)), M, kernels.layout)
+    y = matmul(x.reshape(M, K), wq.reshape(N, K), ws.reshape(N), w_transposed=True, out_dtype=out_dtype, kernels=kernels,
+               split=split)  # [M N]  # fmt: skip
     return y.reshape(x.shape[: x.ndim - n] + out)

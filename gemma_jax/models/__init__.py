@@ -65,13 +65,13 @@ def param_axes(config: Config, quant: str | None = None) -> dict:
     return family_of(config).param_axes(config, quant)
 
 
-def init_cache(config: Config, batch: int, max_len: int, dtype: Any = "float32") -> dict:
-    """An empty KV cache of `config`'s model for `batch` rows of up to `max_len` tokens."""
-    return family_of(config).init_cache(config, batch, max_len, dtype)
+def init_cache(config: Config, batch: int, max_len: int, dtype: Any = "float32", layout: Any = None) -> dict:
+    """An empty KV cache of `config`'s model for `batch` rows of up to `max_len` tokens (on `layout` when traced)."""
+    return family_of(config).init_cache(config, batch, max_len, dtype, layout)
 
 
 def build(config: Config, **fields: Any) -> Any:
-    """`config`'s Flax decoder module (fields: dtype, param_dtype, quant, remat)."""
+    """`config`'s Flax decoder module (fields: dtype, param_dtype, quant, remat, kernels)."""
     return family_of(config).module(config, **fields)
 
 

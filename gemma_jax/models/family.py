@@ -99,7 +99,7 @@ class Family:
     name: str  # "gemma"
     config: type  # frozen dataclass with MODEL_TYPES, from_hf(dict), to_hf(), from_preset(name), num_layers
     module: type  # the Flax decoder: module(config, dtype=, param_dtype=, quant=, remat=, kernels=)(tokens, ...)
-    init_cache: Callable[..., dict]  # (config, batch, max_len, dtype) -> an empty KV cache
+    init_cache: Callable[..., dict]  # (config, batch, max_len, dtype, layout=None) -> an empty KV cache
     cache_axes: Mapping[str, tuple[str, ...]]  # logical axes of each cache leaf kind ("k", "v", "pos")
     schema: tuple[Param, ...]
     when: Mapping[str, Callable[..., bool]]  # predicates named by Param.when (config) and Param.layers (config, i)

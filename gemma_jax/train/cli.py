@@ -16,7 +16,7 @@ import functools
 from gemma_jax.train.config import load_train_config, parse_overrides, settings_help
 
 # Flags that map straight onto TrainConfig fields (None: not given, so lower layers decide).
-_FIELD_FLAGS = ("ckpt", "data", "eval_data", "out", "steps", "mesh", "dcn", "lora_rank")
+_FIELD_FLAGS = ("ckpt", "data", "eval_data", "out", "steps", "mesh", "dcn", "lora_rank", "task")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", help='training JSONL: {"text": ...} or {"messages": [{"role", "content"}, ...]} per line')
     parser.add_argument("--eval-data", help="evaluation JSONL (same format): loss and perplexity every eval_every steps")
     parser.add_argument("--out", help="RUN_DIR: checkpoints, metrics.jsonl, export/")
+    parser.add_argument("--task", help="causal-lm, sequence-classification or token-classification: a classifier on a causal "
+                        "LM gets a new head labelled from --data, and evaluation logs accuracy and F1 (default: the checkpoint's task)")
     parser.add_argument("--steps", type=int, help="optimizer steps")
     parser.add_argument("--mesh", help="device mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4' (default: every device on fsdp)")
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")

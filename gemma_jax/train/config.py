@@ -40,6 +40,9 @@ class TrainConfig:
     data: str = _setting(dataclasses.MISSING, 'training JSONL: {"text": ...} or {"messages": [...]} per line (chat: loss on replies)')
     out: str = _setting(dataclasses.MISSING, "RUN_DIR: checkpoints, metrics.jsonl, train_config.yaml, export/")
     eval_data: str | None = _setting(None, "evaluation JSONL (same format): loss and perplexity every eval_every steps")
+    task: str | None = _setting(None, "causal-lm, sequence-classification ({\"text\", \"label\"} lines) or "
+                                      "token-classification ({\"tokens\", \"labels\"} lines); default: the checkpoint's own. "
+                                      "A classifier on a causal LM gets a new head labelled from the data")
     steps: int = _setting(1000, "optimizer steps")
     seq_len: int = _setting(1024, "tokens per packed row (at most the model's context)")
     batch_size: int = _setting(8, "rows per optimizer step (global, over all devices)")

@@ -5,6 +5,11 @@ so packing several documents into one row never asks a token to predict the next
 Every packed document gets its own segment id (1, 2, ...; 0 = padding) and positions that
 restart at 0, so attention and RoPE never cross documents (the model masks by segment).
 
+Classifier records (`models/heads.py`) carry labels instead: `{"text", "label"}` (sequence
+classification: the target is the label, at the last token, where the score is pooled) and
+`{"tokens": [words], "labels": [...]}` (token classification: each word's label at its first
+token, as transformers' token classifiers are trained); their targets are not shifted.
+
 Chat records (`{"messages": [...]}`) are rendered with the tokenizer's chat template, and only
 the model turns (their text and closing `<end_of_turn>`) carry loss. Each model turn is
 tokenized on its own after the `<start_of_turn>model\\n` header, exactly as the model sees a
@@ -22,14 +27,16 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from gemma_jax.models.heads import SEQUENCE, SINGLE, Head
 from gemma_jax.tokenizer import END_OF_TURN, Tokenizer
 
+T = TypeVar("T")
 Batch = dict[str, np.ndarray]  # ROW_FIELDS -> [rows, seq_len]
 ROW_FIELDS = ("inputs", "targets", "weights", "positions", "segments")
 _MODEL_ROLES = ("assistant", "model")
@@ -41,10 +48,14 @@ class Example:
 
     ids: np.ndarray  # [n] int32
     weights: np.ndarray  # [n] float32; weights[0] is never used (the first token predicts nothing before it)
+    targets: np.ndarray | None = None  # [n] int32 labels of a classifier's tokens (weights then index ids, unshifted)
 
 
-def encode_record(record: Mapping[str, Any], tokenizer: Tokenizer) -> Example:
-    """A JSONL record -> Example. Text: bos + text + eos, all targets. Chat: loss on model turns only."""
+def encode_record(record: Mapping[str, Any], tokenizer: Tokenizer, head: Head = Head()) -> Example:
+    """A JSONL record -> Example. Text: bos + text + eos, all targets. Chat: loss on model turns only.
+    A classifier's record: see the module docstring."""
+    if not head.is_lm:
+        return _labelled_example(record, tokenizer, head)
     if isinstance(record.get("text"), str):
         ids = tokenizer.encode(record["text"], add_bos=True, add_eos=True)
         return Example(np.asarray(ids, np.int32), np.ones(len(ids), np.float32))
@@ -77,20 +88,71 @@ def _chat_example(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -
     return Example(np.asarray(ids, np.int32), np.asarray(weights, np.float32))
 
 
-def read_examples(path: str | Path, tokenizer: Tokenizer) -> list[Example]:
+def record_labels(record: Mapping[str, Any], task: str) -> list[str]:
+    """The label names of a classifier's training record: [label] (sequence) or one per word (token)."""
+    if task == SEQUENCE:
+        if not isinstance(record.get("text"), str) or not record["text"] or "label" not in record:
+            raise ValueError('expected {"text": "...", "label": ...} (a non-empty text and its label)')
+        values = [record["label"]]
+    else:
+        words, values = record.get("tokens"), record.get("labels")
+        if not isinstance(words, list) or not isinstance(values, list) or not words or len(words) != len(values):
+            raise ValueError('expected {"tokens": [words], "labels": [one label per word]}, non-empty and of equal length')
+        if not all(isinstance(w, str) and w for w in words):
+            raise ValueError('"tokens" must be non-empty strings')
+    bad = [v for v in values if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    if bad:
+        raise ValueError(f"a label must be a name or an integer, got {bad[0]!r}")
+    return [str(v) for v in values]
+
+
+def _labelled_example(record: Mapping[str, Any], tokenizer: Tokenizer, head: Head) -> Example:
+    """A classifier's example: bos + text (no eos, as classify encodes it), targets at the scored tokens."""
+    if head.problem_type != SINGLE:
+        raise ValueError(f"fine-tuning trains {SINGLE} heads; this head's problem_type is {head.problem_type}")
+    index = {label: i for i, label in enumerate(head.labels)}
+    labels = record_labels(record, head.task)
+    unknown = [label for label in labels if label not in index]
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not one of the head's labels {list(head.labels)}")
+    if head.task == SEQUENCE:
+        pieces = [tokenizer.encode(record["text"], add_bos=True)]
+    else:  # each word with the space before it, so that the words read as the text " ".join(words)
+        pieces = [[tokenizer.bos_id]] + [tokenizer.encode(w if i == 0 else " " + w) for i, w in enumerate(record["tokens"])]
+    ids = [t for piece in pieces for t in piece]
+    targets, weights = np.zeros(len(ids), np.int32), np.zeros(len(ids), np.float32)
+    if head.task == SEQUENCE:
+        targets[-1], weights[-1] = index[labels[0]], 1.0  # the token transformers pools
+    else:
+        starts = np.cumsum([0] + [len(piece) for piece in pieces[:-1]])[1:]  # each word's first token
+        targets[starts], weights[starts] = [index[label] for label in labels], 1.0
+    return Example(np.asarray(ids, np.int32), weights, targets)
+
+
+def read_examples(path: str | Path, tokenizer: Tokenizer, head: Head = Head()) -> list[Example]:
     """Every record of a JSONL file, encoded; errors name the file and line."""
-    examples = []
+    return _per_record(path, lambda record: encode_record(record, tokenizer, head))
+
+
+def read_labels(path: str | Path, task: str) -> tuple[str, ...]:
+    """The distinct labels of a classifier's training file, sorted: a new head's labels."""
+    return tuple(sorted({label for labels in _per_record(path, lambda r: record_labels(r, task)) for label in labels}))
+
+
+def _per_record(path: str | Path, fn: Callable[[Any], T]) -> list[T]:
+    """fn(record) of every JSONL record of `path`; an error names the file and line."""
+    out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                examples.append(encode_record(json.loads(line), tokenizer))
-            except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                out.append(fn(json.loads(line)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{number}: {e}") from e
-    if not examples:
+    if not out:
         raise ValueError(f"{path}: no records")
-    return examples
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,36 +188,42 @@ def pack(examples: Sequence[Example], seq_len: int) -> Rows:
     starts a new row (documents are never split across rows otherwise). Documents without any
     loss-carrying target are dropped.
     """
-    pieces = []
+    pieces = []  # (inputs, targets, weights) of at most seq_len tokens
     for ex in examples:
+        if ex.targets is not None:  # a classifier's: unshifted, and never cut (its label needs the whole text)
+            if len(ex.ids) > seq_len:
+                raise ValueError(f"a classification example of {len(ex.ids)} tokens is longer than seq_len={seq_len}")
+            pieces.append((ex.ids, ex.targets, ex.weights))
+            continue
         if len(ex.ids) < 2 or not ex.weights[1:].any():
             continue
         for s in range(0, len(ex.ids) - 1, seq_len):
-            pieces.append((ex.ids[s : s + seq_len + 1], ex.weights[s + 1 : s + seq_len + 1]))
+            ids = ex.ids[s : s + seq_len + 1]
+            pieces.append((ids[:-1], ids[1:], ex.weights[s + 1 : s + seq_len + 1]))
     if not pieces:
         raise ValueError("no document has a token to learn (need >= 2 tokens, and a model turn for chat)")
-    rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
+    rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[]]
     free = seq_len
-    for ids, weights in pieces:
-        if len(weights) > free:
+    for piece in pieces:
+        if len(piece[0]) > free:
             rows.append([])
             free = seq_len
-        rows[-1].append((ids, weights))
-        free -= len(weights)
+        rows[-1].append(piece)
+        free -= len(piece[0])
     out = {name: np.zeros((len(rows), seq_len), np.float32 if name == "weights" else np.int32) for name in ROW_FIELDS}
     for r, row in enumerate(rows):
         col = 0
-        for segment, (ids, weights) in enumerate(row, 1):
-            n = len(weights)
+        for segment, (inputs, targets, weights) in enumerate(row, 1):
+            n = len(inputs)
             cols = slice(col, col + n)
-            out["inputs"][r, cols], out["targets"][r, cols] = ids[:-1], ids[1:]
+            out["inputs"][r, cols], out["targets"][r, cols] = inputs, targets
             out["weights"][r, cols], out["positions"][r, cols], out["segments"][r, cols] = weights, np.arange(n), segment
             col += n
     return Rows(**out)
 
 
-def load_rows(path: str | Path, tokenizer: Tokenizer, seq_len: int) -> Rows:
-    return pack(read_examples(path, tokenizer), seq_len)
+def load_rows(path: str | Path, tokenizer: Tokenizer, seq_len: int, head: Head = Head()) -> Rows:
+    return pack(read_examples(path, tokenizer, head), seq_len)
 
 
 class Batches:

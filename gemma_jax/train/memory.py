@@ -64,7 +64,7 @@ def estimate_memory(spec: StepSpec) -> MemoryEstimate:
 def _activations(spec: StepSpec) -> int:
     config, layout, c = spec.config, spec.layout, np.dtype(spec.compute_dtype).itemsize
     B, T = spec.micro_batch, spec.seq_len
-    layer, _ = prefill_peak(config, layout, B, T, c, splash_applies(T))
+    layer, _ = prefill_peak(config, layout, B, T, c, splash_applies(T, spec.runtime.kernels))
     rows, vocab = local_shape(layout, ("act_batch", "act_vocab"), (B, config.vocab_size))
     kept = rows * T * config.embed_dim * c if spec.remat == "block" else layer
     logits = rows * T * vocab * (c + 4 + 4)  # the logits, their float32 log-softmax and its gradient

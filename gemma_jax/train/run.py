@@ -3,6 +3,7 @@
 RUN_DIR (`config.out`) receives:
   train_config.yaml   the resolved settings
   metrics.jsonl       one record per step (loss, grad norm, lr, tokens/s, MFU) and per evaluation
+                      (loss and perplexity; a classifier's: loss, accuracy and macro-F1)
   checkpoints/<step>  Orbax checkpoints (the last `keep`), every `save_every` steps and at the end
   export/hf, /orbax   the merged model (as `gemma-jax convert` writes it), when the run completes
 
@@ -33,6 +34,8 @@ from gemma_jax.api import load
 from gemma_jax.checkpoint.resolve import checkpoint_path
 from gemma_jax.checkpoint import open_source
 from gemma_jax.quant import quantize_params
+from gemma_jax.models import family_of
+from gemma_jax.models.heads import HEAD_KEY, accuracy_and_f1, head_leaves, init_head, task_head, without_head
 from gemma_jax.train import data as data_lib
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.checkpoint import Checkpoints
@@ -60,7 +63,9 @@ def finetune(
     """Run (or, with `resume`, continue) the fine-tuning described by `cfg` on `devices` (default: all)."""
     leader = distributed.is_leader()
     layout = Layout(make_mesh(cfg.mesh or "fsdp=-1", dcn=cfg.dcn, devices=devices), RULE_SETS["training"])
-    spec = StepSpec.create(cfg, open_source(checkpoint_path(cfg.ckpt)).config, layout)  # the config only: no weights read
+    source_config = open_source(checkpoint_path(cfg.ckpt)).config  # the config only: no weights read
+    head = task_head(cfg.task, source_config.head, lambda: data_lib.read_labels(cfg.data, cfg.task))
+    spec = StepSpec.create(cfg, source_config.replace(head=head), layout)
     _preflight(cfg, spec, leader)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -69,8 +74,9 @@ def finetune(
     model = load(cfg.ckpt, dtype=dtype, mesh=layout.mesh, rules="training")
     if model.tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: fine-tuning needs a checkpoint with a tokenizer (tokenizer.model)")
-    rows = data_lib.load_rows(cfg.data, model.tokenizer, cfg.seq_len)
-    eval_rows = data_lib.load_rows(cfg.eval_data, model.tokenizer, cfg.seq_len) if cfg.eval_data else None
+    rows = data_lib.load_rows(cfg.data, model.tokenizer, cfg.seq_len, head)
+    eval_rows = data_lib.load_rows(cfg.eval_data, model.tokenizer, cfg.seq_len, head) if cfg.eval_data else None
+    model.params = _with_head(spec, model.params, cfg.seed)
     fns = compiled(spec)
     frozen = _frozen(model.params, spec, fns) if lora else {}
     checkpoints = Checkpoints(run_dir / "checkpoints", cfg.keep)
@@ -89,9 +95,9 @@ def finetune(
     finally:
         checkpoints.close()
     if result.step == cfg.steps and cfg.export:
-        merged = _merged(cfg, model.config, layout, lora, result.params, frozen)
+        merged = _merged(cfg, spec.config, layout, lora, result.params, frozen)
         (run_dir / "export").mkdir(exist_ok=True)
-        result.export = export(run_dir / "export", cfg.export, model.config, merged, layout, model.tokenizer, cfg.export_dtype)
+        result.export = export(run_dir / "export", cfg.export, spec.config, merged, layout, model.tokenizer, cfg.export_dtype)
     return result
 
 
@@ -164,10 +170,23 @@ def _start(
     return state, True
 
 
+def _with_head(spec: StepSpec, params: Any, seed: int) -> Any:
+    """The loaded params with the classification head the run trains, in the trained dtype: the checkpoint's,
+    or a new one (transformers' initialisation) on a causal LM. A causal LM's run: the params as loaded."""
+    if spec.config.head.is_lm:
+        return params
+    head = params.get(HEAD_KEY) or init_head(spec.config.head, spec.config.embed_dim, jax.random.PRNGKey(seed))
+    host = {name: to_host(x).astype(spec.param_dtype) for name, x in head.items()}  # a few rows: cheap anywhere
+    axes = family_of(spec.config).logical_axes
+    return {**params, HEAD_KEY: {name: place(x, spec.layout.sharding(axes((HEAD_KEY, name)), x.shape))
+                                 for name, x in host.items()}}  # fmt: skip
+
+
 def _frozen(params: Any, spec: StepSpec, fns: Compiled) -> Any:
     """The LoRA run's frozen base on its shards; quantized to int8 first for an int8 base."""
+    params = without_head(params)
     if spec.quant is not None:
-        params = quantize_params(spec.config, params, spec.quant)
+        params = quantize_params(spec.base_config, params, spec.quant)
     return jax.device_put(params, fns.frozen)
 
 
@@ -184,13 +203,20 @@ def _abstract_state(spec: StepSpec) -> dict[str, Any]:
 def _evaluate(
     fns: Compiled, trained: Any, frozen: Any, rows: data_lib.Rows, cfg: TrainConfig, step: int, log: MetricsLog
 ) -> float:
-    """Mean token loss over the eval rows (capped at `eval_batches` batches), logged with its perplexity."""
-    nll = weight = 0.0
+    """Mean token loss over the eval rows (capped at `eval_batches` batches), logged with its perplexity, or
+    for a classifier with the accuracy and macro-F1 of its predictions at the labelled tokens."""
+    totals = None  # nll, weight[, a classifier's confusion counts]
     for batch in data_lib.eval_batches(rows, cfg.micro_batch, cfg.eval_batches):
         sums = fns.evaluate(trained, frozen, {k: place(v, fns.eval_batch[k]) for k, v in batch.items()})
-        nll, weight = nll + float(to_host(sums[0])), weight + float(to_host(sums[1]))
+        sums = [np.asarray(to_host(x), np.float64) for x in sums]
+        totals = sums if totals is None else [t + x for t, x in zip(totals, sums)]
+    nll, weight = float(totals[0]), float(totals[1])
     loss = nll / max(weight, 1.0)
-    log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": weight})
+    if len(totals) == 2:
+        log.write({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": weight})
+    else:
+        accuracy, f1 = accuracy_and_f1(totals[2])
+        log.write({"step": step, "eval_loss": loss, "eval_accuracy": accuracy, "eval_f1": f1, "eval_labelled": weight})
     return loss
 
 
@@ -199,8 +225,9 @@ def _merged(cfg: TrainConfig, config, layout: Layout, lora: lora_lib.LoraSpec | 
     if lora is None:
         return trained
     if cfg.quant is not None:  # merge into the float weights the int8 base was made from
-        frozen = load(cfg.ckpt, dtype=cfg.base_dtype or cfg.param_dtype, mesh=layout.mesh, rules="training").params
-    return jax.jit(lambda p, a: lora_lib.merge(config, lora, p, a))(frozen, trained)
+        frozen = without_head(load(cfg.ckpt, dtype=cfg.base_dtype or cfg.param_dtype, mesh=layout.mesh, rules="training").params)
+    merged = jax.jit(lambda p, a: lora_lib.merge(config, lora, p, a))(frozen, without_head(trained))
+    return {**merged, **head_leaves(trained)}
 
 
 class _Meter:

@@ -26,11 +26,13 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.tree_util import DictKey
 
-from gemma_jax.models import Config, build, init_params, param_axes
+from gemma_jax.models import Config, init_params, param_axes
+from gemma_jax.models.heads import Head, confusion, head_leaves, without_head
+from gemma_jax.runtime import Runtime
 from gemma_jax.train import lora as lora_lib
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.data import ROW_FIELDS
-from gemma_jax.sharding import Layout, activate, constrain, tree_shardings
+from gemma_jax.sharding import Layout, tree_shardings
 
 State = dict[str, Any]  # {"params", "opt_state", "step": int32 [], "rng": uint32 [2]}
 Metrics = dict[str, jax.Array]
@@ -43,16 +45,14 @@ def default_compute_dtype() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
-    """Everything that shapes the compiled step (hashable: one compilation per distinct spec)."""
+    """Everything that shapes the compiled step (hashable: one compilation per distinct spec): the model's
+    `Runtime` (config, compute dtype, int8 scheme of the base, kernels and mesh layout) and the run's settings."""
 
-    config: Config
-    layout: Layout
-    compute_dtype: str
+    runtime: Runtime
     param_dtype: str  # trained params and optimizer state
     base_dtype: str  # LoRA: the frozen base
     remat: str
     lora: lora_lib.LoraSpec | None
-    quant: str | None  # int8 base (LoRA only)
     learning_rate: float
     warmup_steps: int
     total_steps: int
@@ -70,14 +70,30 @@ class StepSpec:
     def create(cls, cfg: TrainConfig, config: Config, layout: Layout) -> StepSpec:
         """The step of run settings `cfg` for model `config` on `layout`."""
         schedule = cfg.schedule()
+        runtime = Runtime.create(config, cfg.compute_dtype or default_compute_dtype(), layout=layout, quant=cfg.quant)
         return cls(
-            config=config, layout=layout, compute_dtype=cfg.compute_dtype or default_compute_dtype(),
-            param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
-            lora=lora_lib.LoraSpec.create(cfg), quant=cfg.quant, learning_rate=schedule["learning_rate"],
+            runtime=runtime, param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
+            lora=lora_lib.LoraSpec.create(cfg), learning_rate=schedule["learning_rate"],
             warmup_steps=schedule["warmup_steps"], total_steps=cfg.steps, min_lr_ratio=cfg.min_lr_ratio,
             weight_decay=cfg.weight_decay, b1=cfg.adam_b1, b2=cfg.adam_b2, eps=cfg.adam_eps,
             max_grad_norm=cfg.max_grad_norm, grad_accum=cfg.grad_accum, micro_batch=cfg.micro_batch, seq_len=cfg.seq_len,
         )  # fmt: skip
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def layout(self) -> Layout:
+        return self.runtime.layout
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.runtime.dtype
+
+    @property
+    def quant(self) -> str | None:  # int8 base (LoRA only)
+        return self.runtime.quant
 
     def schedule(self) -> optax.Schedule:
         """Linear warm-up from 0 to the peak, then cosine decay to min_lr_ratio * peak at total_steps."""
@@ -94,27 +110,36 @@ class StepSpec:
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw) if self.max_grad_norm > 0 else adamw
 
     def model(self) -> Any:
-        return build(self.config, dtype=jnp.dtype(self.compute_dtype), quant=self.quant, remat=self.remat)
+        return self.runtime.model(remat=self.remat)
 
     # --- what lives where ------------------------------------------------------------------
+    # A LoRA run trains a classifier's head in full, beside the adapters (under its own key, "score");
+    # the frozen base is the decoder without it (the causal LM's params, whose shapes are the same).
+    @property
+    def base_config(self) -> Config:
+        return self.config.replace(head=Head())
+
     def trained_axes(self) -> Any:
-        return _param_axes(self.config, None) if self.lora is None else lora_lib.lora_axes(self.config, self.lora)
+        if self.lora is None:
+            return _param_axes(self.config, None)
+        return {**lora_lib.lora_axes(self.config, self.lora), **head_leaves(_param_axes(self.config, None))}
 
     def abstract_trained(self) -> Any:
         if self.lora is None:
             return _abstract_params(self.config, self.param_dtype, None)
         dtype = jnp.dtype(self.param_dtype)
-        return jax.eval_shape(lambda: lora_lib.init_lora(self.config, self.lora, jax.random.PRNGKey(0), dtype))
+        adapters = jax.eval_shape(lambda: lora_lib.init_lora(self.config, self.lora, jax.random.PRNGKey(0), dtype))
+        return {**adapters, **head_leaves(_abstract_params(self.config, self.param_dtype, None))}
 
     def abstract_frozen(self) -> Any:
         """The LoRA run's frozen base: shapes and dtypes (int8 weights and float32 scales for an int8 base)."""
-        return _abstract_params(self.config, self.base_dtype, self.quant)
+        return _abstract_params(self.base_config, self.base_dtype, self.quant)
 
     def frozen_shardings(self) -> Any:
         """The frozen base's shardings (LoRA), or an empty tree (full fine-tuning trains the base)."""
         if self.lora is None:
             return {}
-        return tree_shardings(self.layout, _param_axes(self.config, self.quant), self.abstract_frozen())
+        return tree_shardings(self.layout, _param_axes(self.base_config, self.quant), self.abstract_frozen())
 
     def state_shardings(self) -> State:
         abstract = self.abstract_trained()
@@ -149,13 +174,23 @@ def _param_axes(config: Config, quant: str | None) -> Any:
     return param_axes(config, quant)
 
 
-def loss_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token NLLs, sum of weights) of one micro-batch [rows, seq_len]."""
-    params = trained if spec.lora is None else frozen
+def _logits(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> jax.Array:
+    """The model's logits [rows, seq_len, V] (a classifier's: label scores [.., L]) on one micro-batch."""
+    params = trained if spec.lora is None else {**frozen, **head_leaves(trained)}
     adapters = contextlib.nullcontext() if spec.lora is None else lora_lib.interceptor(spec.config, spec.lora, trained)
     with adapters:
         logits, _ = spec.model().apply({"params": params}, batch["inputs"], batch["positions"], batch["segments"])
-    logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
+    return spec.runtime.constrain(logits, ("act_batch", "act_length", "act_vocab"))
+
+
+def loss_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token NLLs, sum of weights) of one micro-batch [rows, seq_len].
+
+    A classifier's targets are labels at its scored tokens (see data.py): the same cross-entropy."""
+    return _nll_sums(_logits(trained, frozen, batch, spec), batch)
+
+
+def _nll_sums(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
 
@@ -163,33 +198,34 @@ def loss_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: Step
 def train_step(state: State, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[State, Metrics]:
     """One optimizer step on a batch of [grad_accum, micro_batch, seq_len] arrays."""
     shardings = spec.state_shardings()["params"]
-    with activate(spec.layout):
 
-        def micro(carry, mb):
-            (nll, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, mb, spec)
-            grads = jax.lax.with_sharding_constraint(grads, shardings)
-            return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
+    def micro(carry, mb):
+        (nll, weight), grads = jax.value_and_grad(loss_sums, has_aux=True)(state["params"], frozen, mb, spec)
+        grads = jax.lax.with_sharding_constraint(grads, shardings)
+        return jax.tree.map(jnp.add, carry, (grads, nll, weight)), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]), jnp.float32(0), jnp.float32(0))
-        (grads, nll, weight), _ = jax.lax.scan(micro, zeros, batch)
-        denominator = jnp.maximum(weight, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
-        optimizer = spec.optimizer()
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        metrics = {
-            "loss": nll / denominator,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": spec.schedule()(state["step"]),
-            "target_tokens": weight,
-            "tokens": jnp.sum(batch["segments"] > 0).astype(jnp.float32),
-        }
-        params = optax.apply_updates(state["params"], updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"]), jnp.float32(0), jnp.float32(0))
+    (grads, nll, weight), _ = jax.lax.scan(micro, zeros, batch)
+    denominator = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state["params"])
+    optimizer = spec.optimizer()
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    metrics = {
+        "loss": nll / denominator,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": spec.schedule()(state["step"]),
+        "target_tokens": weight,
+        "tokens": jnp.sum(batch["segments"] > 0).astype(jnp.float32),
+    }
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
 
-def eval_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[jax.Array, jax.Array]:
-    with activate(spec.layout):
-        return loss_sums(trained, frozen, batch, spec)
+def eval_sums(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> tuple[jax.Array, ...]:
+    """(NLL sum, weight sum) of one eval micro-batch; a classifier's adds its [L L] confusion counts."""
+    logits = _logits(trained, frozen, batch, spec)
+    sums = _nll_sums(logits, batch)
+    return sums if spec.config.head.is_lm else (*sums, confusion(logits, batch["targets"], batch["weights"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +233,7 @@ class Compiled:
     """The jitted functions of one spec and the shardings they were built with."""
 
     train: Any  # (state, frozen, batch) -> (state, metrics); donates the state
-    evaluate: Any  # (trained params, frozen, batch) -> (nll sum, weight sum)
+    evaluate: Any  # (trained params, frozen, batch) -> (nll sum, weight sum[, confusion counts])
     init_opt: Any  # trained params -> optimizer state
     init_lora: Any  # rng -> LoRA factors (LoRA runs only)
     state: State  # shardings
@@ -206,10 +242,11 @@ class Compiled:
     eval_batch: dict[str, NamedSharding]
 
     def fresh_state(self, params: Any, seed: int) -> State:
-        """Step 0: `params` (full fine-tuning; on their shards) or new LoRA factors, and a new optimizer state."""
+        """Step 0: `params` (full fine-tuning; on their shards) or new LoRA factors (and the params' classification
+        head), and a new optimizer state."""
         replicated = self.state["step"]
         rng = jax.device_put(jax.random.PRNGKey(seed), replicated)
-        trained = params if self.init_lora is None else self.init_lora(rng)
+        trained = params if self.init_lora is None else {**self.init_lora(rng), **head_leaves(params or {})}
         step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
         return {"params": trained, "opt_state": self.init_opt(trained), "step": step, "rng": rng}
 
@@ -222,7 +259,7 @@ def compiled(spec: StepSpec) -> Compiled:
     init_lora = None
     if spec.lora is not None:
         make = lambda rng: lora_lib.init_lora(spec.config, spec.lora, rng, jnp.dtype(spec.param_dtype))  # noqa: E731
-        init_lora = jax.jit(make, in_shardings=replicated, out_shardings=state["params"])
+        init_lora = jax.jit(make, in_shardings=replicated, out_shardings=without_head(state["params"]))
     return Compiled(
         train=jax.jit(
             functools.partial(train_step, spec=spec),
@@ -233,7 +270,7 @@ def compiled(spec: StepSpec) -> Compiled:
         evaluate=jax.jit(
             functools.partial(eval_sums, spec=spec),
             in_shardings=(state["params"], frozen, eval_batch),
-            out_shardings=(replicated, replicated),
+            out_shardings=replicated,
         ),
         init_opt=jax.jit(spec.optimizer().init, in_shardings=(state["params"],), out_shardings=state["opt_state"]),
         init_lora=init_lora,

@@ -16,6 +16,7 @@ import yaml
 
 from gemma_jax import configs
 from gemma_jax.models.family import ConfigError
+from gemma_jax.models.heads import Head, head_of
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _HF_ARCHITECTURE = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
@@ -71,9 +72,11 @@ class GemmaConfig:
     pad_id: int = 0
     eos_id: int = 1
     bos_id: int = 2
+    head: Head = Head()  # what the last layer computes: the LM's vocab logits, or a classifier's scores
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
+        object.__setattr__(self, "head", head_of(self.head))  # a dict where a stored config is read back
         if self.model_type not in MODEL_TYPES:
             raise ConfigError("model_type", f"is {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
         for name, kind in _FIELD_KINDS.items():
@@ -99,6 +102,7 @@ class GemmaConfig:
             raise ConfigError("layer_pattern", f"must list 'local'/'global' entries, got {self.layer_pattern!r}")
         if "local" in self.layer_pattern and not self.sliding_window:
             raise ConfigError("sliding_window", "is not set, but layer_pattern has local layers")
+        self.head.architecture(self.model_type)  # one transformers has, so that it can be exported
 
     def rope_for(self, kind: str) -> tuple[float, float]:
         """(base, linear scale) of the rotary embedding on a 'local' or 'global' layer."""
@@ -148,6 +152,7 @@ class GemmaConfig:
         divisible = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (hidden, heads))
         head_dim = _given(hf, "head_dim", hidden // heads if divisible else None)
         num_layers = _required(hf, "num_hidden_layers")
+        head = Head.from_hf(hf)
         if model_type != "gemma":
             extra = dict(
                 layer_pattern=_layer_pattern(hf.get("layer_types"), num_layers),
@@ -178,6 +183,7 @@ class GemmaConfig:
                 pad_id=_given(hf, "pad_token_id", 0),
                 eos_id=_first(_given(hf, "eos_token_id", 1)),
                 bos_id=_given(hf, "bos_token_id", 2),
+                head=head,
                 **extra,
             )
         except ConfigError as e:  # name the config.json key, not ours
@@ -220,7 +226,7 @@ class GemmaConfig:
                 global_rope = {"rope_theta": base, "rope_type": "linear", "factor": scale}
             local_rope = {"rope_theta": local_base, "rope_type": "default"}
             hf["rope_parameters"] = {"full_attention": global_rope, "sliding_attention": local_rope}
-        return hf
+        return {**hf, **self.head.to_hf(self.model_type)}
 
 
 def _required(hf: dict[str, Any], key: str) -> Any:

@@ -15,8 +15,10 @@ runs without relaying out the cache every step. Token p is written to slot p % S
 layers (S = max length) fill linearly and sliding-window layers (S = window) are ring buffers
 that only ever hold `window` entries.
 
-On TPU, whole-sequence attention (training, prefill into a fresh cache) runs Pallas' splash
-attention kernel instead of materialising [B N T S] logits (see kernels/attention.py).
+With `kernels.attention == "splash"` (the TPU default), whole-sequence attention (training,
+prefill into a fresh cache) runs Pallas' splash attention kernel instead of materialising
+[B N T S] logits (see kernels/attention.py). Every module takes the `Kernels` value of the
+program being traced (backends and mesh layout), so nothing here reads global state.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from gemma_jax.models.gemma.config import GemmaConfig
+from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
-from gemma_jax.sharding import constrain
+from gemma_jax.models.gemma.config import GemmaConfig
+from gemma_jax.models.heads import HEAD_KEY, Score
+from gemma_jax.sharding import Layout, constrain
 
 Array = jax.Array
 LayerCache = dict[str, Array]  # {"k": [B K S H], "v": [B K H S], "pos": [B S] int32}
@@ -46,15 +50,15 @@ CACHE_AXES = {
 }
 
 
-def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
+def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (laid out on `layout` when traced on a mesh)."""
     cache = {}
     for i, kind in enumerate(config.layer_kinds):
         slots = min(config.sliding_window, max_len) if kind == "local" else max_len
         K, H = config.num_kv_heads, config.head_dim
         layer = {"k": jnp.zeros((batch, K, slots, H), dtype), "v": jnp.zeros((batch, K, H, slots), dtype),
                  "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
-        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()}
+        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
     return cache
 
 
@@ -96,6 +100,7 @@ class Attention(nn.Module):
     kind: str  # "local" (sliding window) or "global"
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(
@@ -103,7 +108,7 @@ class Attention(nn.Module):
     ) -> tuple[Array, LayerCache | None]:
         cfg = self.config
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, name=name)
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, self.kernels, name=name)
         q = proj("q", (N, H, D), ("q_heads", "head_dim", "embed"))("BTD,NHD->BTNH", x)
         k = proj("k", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
         v = proj("v", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
@@ -113,7 +118,7 @@ class Attention(nn.Module):
         base, scale = cfg.rope_for(self.kind)
         q = rope(q, positions, base, scale) * jnp.asarray(cfg.query_pre_attn_scalar**-0.5, x.dtype)
         k = rope(k, positions, base, scale)
-        q = constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
+        q = self.kernels.constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
         k_pos = jnp.where(segment_ids > 0, positions, -1)
         if cache is not None and q.shape[1] == 1:  # decode step: write first, then read only the cache
@@ -132,8 +137,8 @@ class Attention(nn.Module):
         window = cfg.sliding_window if self.kind == "local" else None
         B, T = q.shape[:2]
         q = q.reshape(B, T, K, N // K, H)
-        if same_segment is not None and splash_applies(T):  # whole sequences on TPU: Pallas, no [T S] logits
-            out = splash_attention(q, k, v, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap)
+        if same_segment is not None and splash_applies(T, self.kernels):  # whole sequences: Pallas, no [T S] logits
+            out = splash_attention(q, k, v, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap, kernels=self.kernels)
         else:
             mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
             logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -152,14 +157,16 @@ class MLP(nn.Module):
     config: GemmaConfig
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         D, F = self.config.embed_dim, self.config.mlp_dim
-        gate = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="gate")("BTD,FD->BTF", x)
-        up = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="up")("BTD,FD->BTF", x)
-        h = constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
-        return Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="down")("BTF,DF->BTD", h)
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, self.kernels, name=name)
+        gate = proj("gate", (F, D), ("mlp", "embed"))("BTD,FD->BTF", x)
+        up = proj("up", (F, D), ("mlp", "embed"))("BTD,FD->BTF", x)
+        h = self.kernels.constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
+        return proj("down", (D, F), ("embed", "mlp"))("BTF,DF->BTD", h)
 
 
 class Block(nn.Module):
@@ -169,18 +176,19 @@ class Block(nn.Module):
     kind: str
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, fresh_cache):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
-        h, cache = Attention(cfg, self.kind, self.param_dtype, self.quant, name="attn")(
+        h, cache = Attention(cfg, self.kind, self.param_dtype, self.quant, self.kernels, name="attn")(
             norm("pre_attn_norm")(x), positions, segment_ids, cache, fresh_cache
         )
         x = x + (norm("post_attn_norm")(h) if cfg.use_post_norms else h)
-        h = MLP(cfg, self.param_dtype, self.quant, name="mlp")(norm("pre_ffw_norm")(x))
+        h = MLP(cfg, self.param_dtype, self.quant, self.kernels, name="mlp")(norm("pre_ffw_norm")(x))
         x = x + (norm("post_ffw_norm")(h) if cfg.use_post_norms else h)
-        return constrain(x, ACT), cache
+        return self.kernels.constrain(x, ACT), cache
 
 
 
@@ -215,6 +223,7 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
     quant: str | None = None
     remat: str = "none"  # training: which activations the backward pass recomputes (see REMAT_POLICIES)
+    kernels: Kernels = Kernels()  # backends and mesh layout of the program being traced
 
     @nn.compact
     def __call__(
@@ -226,14 +235,17 @@ class Transformer(nn.Module):
         logits_index: Array | None = None,  # B: compute logits only at this position of each row
         fresh_cache: bool = False,  # the cache is empty: skip attending to it (prefill)
     ) -> tuple[Array, Cache | None]:
-        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
+        """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache.
+
+        With a classification head (`config.head`), label scores [B T L] (or [B L]) instead of vocab logits.
+        """
         cfg = self.config
-        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, name="embedder")
-        x = constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
+        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, self.kernels, name="embedder")
+        x = self.kernels.constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         new_cache = {} if cache is not None else None
         for i, kind in enumerate(cfg.layer_kinds):
             name = f"layer_{i}"
-            x, layer_cache = _block_class(self.remat)(cfg, kind, self.param_dtype, self.quant, name=name)(
+            x, layer_cache = _block_class(self.remat)(cfg, kind, self.param_dtype, self.quant, self.kernels, name=name)(
                 x, positions, segment_ids, None if cache is None else cache[name], fresh_cache
             )
             if cache is not None:
@@ -241,4 +253,6 @@ class Transformer(nn.Module):
         x = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
+        if not cfg.head.is_lm:
+            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name=HEAD_KEY)(x), new_cache
         return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache

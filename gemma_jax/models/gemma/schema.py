@@ -1,7 +1,7 @@
 """Every parameter of the Gemma 1/2/3 text decoder: our path and shape, logical axes, and its name
 and layout in Hugging Face and GGUF checkpoints (see `gemma_jax.models.family.Param`).
 
-Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim. Gemma 1 has no
+Dimension letters: V vocab, D embed, F mlp, N heads, K kv heads, H head_dim, L labels. Gemma 1 has no
 post-norms, and HF calls its pre-MLP norm `post_attention_layernorm`; in Gemma 2/3 that same HF
 name is the norm *after* attention (and GGUF's `ffn_norm` is the pre-MLP norm in all three).
 SmoothQuant (`smooth_from`): q/k/v read the pre-attention norm and gate/up the pre-MLP norm; o
@@ -12,6 +12,7 @@ linear in up's output channels.
 from __future__ import annotations
 
 from gemma_jax.models.family import Param
+from gemma_jax.models.heads import SCORE_AXES
 
 Z = "zero_centred"  # Gemma's RMSNorm multiplies by (1 + w)
 # fmt: off
@@ -46,16 +47,21 @@ SCHEMA: tuple[Param, ...] = (
     Param("layer_{i}/post_ffw_norm/scale", "D", ("norm",), "model.layers.{i}.post_feedforward_layernorm.weight", "D",
           "blk.{i}.post_ffw_norm.weight", norm=Z, when="post_norms"),
     Param("final_norm/scale", "D", ("norm",), "model.norm.weight", "D", "output_norm.weight", norm=Z),
+    # A classifier's head (gemma_jax/models/heads.py): float under int8, and not in GGUF (llama.cpp has no such tensor).
+    Param("score/w", "L D", SCORE_AXES, "score.weight", "L D", when="classifier"),
+    Param("score/b", "L", SCORE_AXES[:1], "score.bias", "L", when="score_bias"),
 )
 # fmt: on
 WHEN = {
     "post_norms": lambda c: c.use_post_norms,
     "no_post_norms": lambda c: not c.use_post_norms,
     "qk_norm": lambda c: c.use_qk_norm,
+    "classifier": lambda c: not c.head.is_lm,
+    "score_bias": lambda c: c.head.bias,
 }
 
 
 def dims(config, layer: int | None = None) -> dict[str, int]:
     """Dimension letter -> size (every layer of this family has the same sizes)."""
     return dict(V=config.vocab_size, D=config.embed_dim, F=config.mlp_dim,
-                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim)  # fmt: skip
+                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim, L=config.head.num_labels)  # fmt: skip
