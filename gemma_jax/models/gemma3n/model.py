@@ -34,20 +34,21 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rms_normalize, rope, soft_cap
 from gemma_jax.models.gemma.model import _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
-from gemma_jax.sharding import constrain
+from gemma_jax.sharding import Layout, constrain
 
 Array = jax.Array
 STREAMS = (None,) + ACT  # A B T D: the AltUp streams stay whole on every device
 
 
-def init_cache(config: Gemma3nConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens, laid out as the Gemma family's
-    (sliding-window layers are rings of `sliding_window` slots), for the layers that compute their own
-    keys and values only: KV-sharing layers read their source layer's entry."""
+def init_cache(config: Gemma3nConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` tokens (on `layout` when traced on a mesh),
+    laid out as the Gemma family's (sliding-window layers are rings of `sliding_window` slots), for the
+    layers that compute their own keys and values only: KV-sharing layers read their source layer's entry."""
     K, H = config.num_kv_heads, config.head_dim
     cache = {}
     for i, kind in enumerate(config.layer_kinds):
@@ -56,7 +57,7 @@ def init_cache(config: Gemma3nConfig, batch: int, max_len: int, dtype: Any = jnp
         slots = min(config.sliding_window, max_len) if kind == "local" else max_len
         layer = {"k": jnp.zeros((batch, K, slots, H), dtype), "v": jnp.zeros((batch, K, H, slots), dtype),
                  "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
-        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name]) for name, x in layer.items()}
+        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
     return cache
 
 
@@ -91,13 +92,13 @@ def gather_keys(
     return kv, None if cache is None else write_cache(cache, k, v, k_pos)
 
 
-def attend(q: Array, kv: KV, positions: Array, segment_ids: Array, window: int | None) -> Array:
+def attend(q: Array, kv: KV, positions: Array, segment_ids: Array, window: int | None, kernels: Kernels) -> Array:
     """Unscaled, uncapped softmax attention of queries [B T N H] over `kv`: [B T N H]."""
     B, T, N, H = q.shape
     K = kv.k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    if kv.same_segment is not None and splash_applies(T):  # whole sequences on TPU: Pallas, no [T S] logits
-        out = splash_attention(q, kv.k, kv.v, segment_ids, window=window, soft_cap=None)
+    if kv.same_segment is not None and splash_applies(T, kernels):  # whole sequences: Pallas, no [T S] logits
+        out = splash_attention(q, kv.k, kv.v, segment_ids, window=window, soft_cap=None, kernels=kernels)
     else:
         mask = attention_mask(positions, kv.key_pos, window, kv.same_segment)  # B T S
         logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, kv.keys.astype(q.dtype), preferred_element_type=jnp.float32)
@@ -129,6 +130,7 @@ class Attention(nn.Module):
     layer: int
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(
@@ -139,17 +141,17 @@ class Attention(nn.Module):
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         kind = cfg.layer_kinds[self.layer]
         base, _ = cfg.rope_for(kind)
-        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, name=name)
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, self.kernels, name=name)
         norm = lambda name: PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
         q = proj("q", (N, H, D), ("q_heads", "head_dim", "embed"))("BTD,NHD->BTNH", x)
-        q = constrain(rope(norm("q_norm")(q), positions, base), ("act_batch", "act_length", "act_heads", "head_dim"))
+        q = self.kernels.constrain(rope(norm("q_norm")(q), positions, base), ("act_batch", "act_length", "act_heads", "head_dim"))
         if shared is None:
             k = proj("k", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
             v = proj("v", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
             k = rope(norm("k_norm")(k), positions, base)
             v = rms_normalize(v, cfg.rms_norm_eps).astype(v.dtype)  # no scale
             shared, cache = gather_keys(cache, k, v, positions, segment_ids, fresh_cache)
-        out = attend(q, shared, positions, segment_ids, cfg.sliding_window if kind == "local" else None)
+        out = attend(q, shared, positions, segment_ids, cfg.sliding_window if kind == "local" else None, self.kernels)
         return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), cache, shared
 
 
@@ -160,17 +162,18 @@ class MLP(nn.Module):
     layer: int
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         D, F = self.config.embed_dim, self.config.mlp_dim[self.layer]
         sparsity = self.config.activation_sparsity[self.layer]
-        gate = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="gate")("BTD,FD->BTF", x)
+        gate = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, self.kernels, name="gate")("BTD,FD->BTF", x)
         if sparsity > 0:
             gate = gaussian_top_k(gate, sparsity)
-        up = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, name="up")("BTD,FD->BTF", x)
-        h = constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
-        return Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, name="down")("BTF,DF->BTD", h)
+        up = Einsum((F, D), ("mlp", "embed"), self.param_dtype, self.quant, self.kernels, name="up")("BTD,FD->BTF", x)
+        h = self.kernels.constrain(jax.nn.gelu(gate, approximate=True) * up, ("act_batch", "act_length", "act_mlp"))
+        return Einsum((D, F), ("embed", "mlp"), self.param_dtype, self.quant, self.kernels, name="down")("BTF,DF->BTD", h)
 
 
 class Laurel(nn.Module):
@@ -179,12 +182,13 @@ class Laurel(nn.Module):
     config: Gemma3nConfig
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         D, R = self.config.embed_dim, self.config.laurel_rank
-        h = Einsum((R, D), ("laurel", "embed"), self.param_dtype, self.quant, name="left")("BTD,RD->BTR", x)
-        h = Einsum((D, R), ("embed", "laurel"), self.param_dtype, self.quant, name="right")("BTR,DR->BTD", h)
+        h = Einsum((R, D), ("laurel", "embed"), self.param_dtype, self.quant, self.kernels, name="left")("BTD,RD->BTR", x)
+        h = Einsum((D, R), ("embed", "laurel"), self.param_dtype, self.quant, self.kernels, name="right")("BTR,DR->BTD", h)
         return x + PlainRMSNorm(self.config.rms_norm_eps, self.param_dtype, name="norm")(h)
 
 
@@ -197,10 +201,11 @@ class AltUp(nn.Module):
 
     config: Gemma3nConfig
     param_dtype: Any = jnp.float32
+    kernels: Kernels = Kernels()
 
     def setup(self) -> None:
         cfg, A, D = self.config, self.config.altup_num_inputs, self.config.embed_dim
-        self.router = Einsum((A, D), ("altup", "embed"), self.param_dtype)  # tiny: kept in float
+        self.router = Einsum((A, D), ("altup", "embed"), self.param_dtype, kernels=self.kernels)  # tiny: kept in float
         self.router_norm = PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype)
         zeros = lambda axes: nn.with_logical_partitioning(nn.initializers.zeros, axes)
         # predict_coefs[p, q, r]: how much stream q feeds the prediction of stream p, per router output r.
@@ -241,32 +246,33 @@ class Block(nn.Module):
     layer: int
     param_dtype: Any = jnp.float32
     quant: str | None = None
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, streams, per_layer_input, positions, segment_ids, cache, fresh_cache, shared):
         cfg, D, P = self.config, self.config.embed_dim, self.config.per_layer_dim
         norm = lambda name: PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
-        altup = AltUp(cfg, self.param_dtype, name="altup")
+        altup = AltUp(cfg, self.param_dtype, self.kernels, name="altup")
         predictions = altup.predict(streams)
         active = predictions[cfg.altup_active_idx]
         x = norm("pre_attn_norm")(active)
-        laurel = Laurel(cfg, self.param_dtype, self.quant, name="laurel")(x)
-        h, cache, kv = Attention(cfg, self.layer, self.param_dtype, self.quant, name="attn")(
+        laurel = Laurel(cfg, self.param_dtype, self.quant, self.kernels, name="laurel")(x)
+        h, cache, kv = Attention(cfg, self.layer, self.param_dtype, self.quant, self.kernels, name="attn")(
             x, positions, segment_ids, cache, fresh_cache, shared
         )
         x = (active + norm("post_attn_norm")(h) + laurel) / math.sqrt(2.0)
-        h = MLP(cfg, self.layer, self.param_dtype, self.quant, name="mlp")(norm("pre_ffw_norm")(x))
-        x = constrain(x + norm("post_ffw_norm")(h), ACT)
+        h = MLP(cfg, self.layer, self.param_dtype, self.quant, self.kernels, name="mlp")(norm("pre_ffw_norm")(x))
+        x = self.kernels.constrain(x + norm("post_ffw_norm")(h), ACT)
         corrected = altup.correct(predictions, x)
 
         first = corrected[cfg.altup_active_idx]
         if cfg.altup_correct_scale:
             first = altup.scale_output(first)
-        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, name=name)
+        proj = lambda name, shape, axes: Einsum(shape, axes, self.param_dtype, self.quant, self.kernels, name=name)
         gate = proj("ple_gate", (P, D), ("per_layer", "embed"))("BTD,PD->BTP", first)
         h = proj("ple_proj", (D, P), ("embed", "per_layer"))("BTP,DP->BTD", jax.nn.gelu(gate, approximate=True) * per_layer_input)
         corrected = corrected.at[1:].add(norm("post_ple_norm")(h))
-        return constrain(corrected, STREAMS), cache, kv
+        return self.kernels.constrain(corrected, STREAMS), cache, kv
 
 
 @functools.cache
@@ -285,6 +291,7 @@ class Transformer(nn.Module):
     param_dtype: Any = jnp.float32
     quant: str | None = None
     remat: str = "none"
+    kernels: Kernels = Kernels()  # backends and mesh layout of the program being traced
 
     @nn.compact
     def __call__(
@@ -298,20 +305,20 @@ class Transformer(nn.Module):
     ) -> tuple[Array, Cache | None]:
         """Returns float32 logits [B T V] (or [B V] with `logits_index`) and the updated cache."""
         cfg = self.config
-        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, name="embedder")
-        x = constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
+        embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, self.kernels, name="embedder")
+        x = self.kernels.constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         per_layer = self._per_layer_inputs(tokens, x)  # B T L P
         target = _rms(x)
-        extra = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, name=f"altup_proj_{j}")(
+        extra = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, self.kernels, name=f"altup_proj_{j}")(
             "BTD,ED->BTE", x) for j in range(cfg.altup_num_inputs - 1)]  # fmt: skip
-        streams = constrain(jnp.stack([x] + [match_magnitude(e, target) for e in extra]), STREAMS)  # A B T D
+        streams = self.kernels.constrain(jnp.stack([x] + [match_magnitude(e, target) for e in extra]), STREAMS)  # A B T D
 
         read_by_others = {cfg.kv_source(i) for i in range(cfg.num_layers) if cfg.kv_source(i) != i}
         new_cache, shared_kv = ({} if cache is not None else None), {}
         for i in range(cfg.num_layers):
             name, source = f"layer_{i}", cfg.kv_source(i)
             owns = source == i
-            streams, layer_cache, kv = _block_class(self.remat)(cfg, i, self.param_dtype, self.quant, name=name)(
+            streams, layer_cache, kv = _block_class(self.remat)(cfg, i, self.param_dtype, self.quant, self.kernels, name=name)(
                 streams, per_layer[:, :, i], positions, segment_ids, cache[name] if cache is not None and owns else None,
                 fresh_cache, None if owns else shared_kv[source],
             )
@@ -323,7 +330,7 @@ class Transformer(nn.Module):
         if logits_index is not None:
             streams = jnp.take_along_axis(streams, logits_index[None, :, None, None], axis=2)  # A B 1 D
         target = _rms(streams[0])
-        back = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, name=f"altup_unembed_{j}")(
+        back = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, self.kernels, name=f"altup_unembed_{j}")(
             "BTD,ED->BTE", streams[j + 1]) for j in range(cfg.altup_num_inputs - 1)]  # fmt: skip
         x = jnp.mean(jnp.stack([streams[0]] + [match_magnitude(b, target) for b in back]), axis=0)
         x = PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
@@ -335,11 +342,12 @@ class Transformer(nn.Module):
         the embedding x) / sqrt 2. Ids outside the per-layer table read row 0."""
         cfg = self.config
         (B, T), L, P = tokens.shape, cfg.num_layers, cfg.per_layer_dim
-        table = Embedder(cfg.per_layer_vocab_size, L * P, self.param_dtype, self.quant, input_scale=P**0.5,
+        table = Embedder(cfg.per_layer_vocab_size, L * P, self.param_dtype, self.quant, self.kernels, P**0.5,
                          name="per_layer_embedder")
         ids = jnp.where((tokens >= 0) & (tokens < cfg.per_layer_vocab_size), tokens, 0)
         embedded = table.encode(ids, self.dtype).reshape(B, T, L, P)
-        proj = Einsum((L * P, cfg.embed_dim), ("per_layer", "embed"), self.param_dtype, self.quant, name="per_layer_proj")
+        proj = Einsum((L * P, cfg.embed_dim), ("per_layer", "embed"), self.param_dtype, self.quant, self.kernels,
+                      name="per_layer_proj")
         projected = proj("BTD,ED->BTE", x) * jnp.asarray(cfg.embed_dim**-0.5, x.dtype)
         projected = PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype, name="per_layer_proj_norm")(projected.reshape(B, T, L, P))
         return (projected + embedded) * jnp.asarray(2.0**-0.5, x.dtype)
