@@ -95,7 +95,8 @@ class Gemma3nConfig:
             object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
         object.__setattr__(self, "mlp_dim", _per_layer(self.mlp_dim, self.num_layers, "mlp_dim", _check_count))
         sparsity = self.activation_sparsity if self.activation_sparsity != () else 0.0
-        object.__setattr__(self, "activation_sparsity", _per_layer(sparsity, self.num_layers, "activation_sparsity", _check_fraction))
+        sparsity = _per_layer(sparsity, self.num_layers, "activation_sparsity", _check_fraction)
+        object.__setattr__(self, "activation_sparsity", sparsity)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
         if not isinstance(self.layer_pattern, tuple) or not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
@@ -103,11 +104,14 @@ class Gemma3nConfig:
         if "local" in self.layer_pattern and not self.sliding_window:
             raise ConfigError("sliding_window", "is not set, but layer_pattern has local layers")
         if self.altup_num_inputs - 1 > self.num_layers:  # the schema indexes the extra streams' projections like layers
-            raise ConfigError("altup_num_inputs", f"must be at most num_layers + 1 = {self.num_layers + 1}, got {self.altup_num_inputs}")
+            limit = self.num_layers + 1
+            raise ConfigError("altup_num_inputs", f"must be at most num_layers + 1 = {limit}, got {self.altup_num_inputs}")
         if self.altup_active_idx >= self.altup_num_inputs:
-            raise ConfigError("altup_active_idx", f"must be below altup_num_inputs={self.altup_num_inputs}, got {self.altup_active_idx}")
+            problem = f"must be below altup_num_inputs={self.altup_num_inputs}, got {self.altup_active_idx}"
+            raise ConfigError("altup_active_idx", problem)
         if self.num_kv_shared_layers >= self.num_layers:
-            raise ConfigError("num_kv_shared_layers", f"must be below num_layers={self.num_layers}, got {self.num_kv_shared_layers}")
+            problem = f"must be below num_layers={self.num_layers}, got {self.num_kv_shared_layers}"
+            raise ConfigError("num_kv_shared_layers", problem)
         first_shared = self.num_layers - self.num_kv_shared_layers
         missing = set(self.layer_kinds[first_shared:]) - set(self.layer_kinds[:first_shared])
         if missing:

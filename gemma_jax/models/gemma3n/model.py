@@ -37,7 +37,9 @@ from flax import linen as nn
 from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rms_normalize, rope, soft_cap
-from gemma_jax.models.gemma.model import _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache
+from gemma_jax.models.gemma.model import (
+    _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache,
+)  # fmt: skip
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
 from gemma_jax.sharding import Layout, constrain
 
@@ -309,8 +311,9 @@ class Transformer(nn.Module):
         x = self.kernels.constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         per_layer = self._per_layer_inputs(tokens, x)  # B T L P
         target = _rms(x)
-        extra = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, self.kernels, name=f"altup_proj_{j}")(
-            "BTD,ED->BTE", x) for j in range(cfg.altup_num_inputs - 1)]  # fmt: skip
+        D = cfg.embed_dim
+        square = lambda name: Einsum((D, D), ("embed", "embed"), self.param_dtype, self.quant, self.kernels, name=name)
+        extra = [square(f"altup_proj_{j}")("BTD,ED->BTE", x) for j in range(cfg.altup_num_inputs - 1)]
         streams = self.kernels.constrain(jnp.stack([x] + [match_magnitude(e, target) for e in extra]), STREAMS)  # A B T D
 
         read_by_others = {cfg.kv_source(i) for i in range(cfg.num_layers) if cfg.kv_source(i) != i}
@@ -330,8 +333,7 @@ class Transformer(nn.Module):
         if logits_index is not None:
             streams = jnp.take_along_axis(streams, logits_index[None, :, None, None], axis=2)  # A B 1 D
         target = _rms(streams[0])
-        back = [Einsum((cfg.embed_dim,) * 2, ("embed", "embed"), self.param_dtype, self.quant, self.kernels, name=f"altup_unembed_{j}")(
-            "BTD,ED->BTE", streams[j + 1]) for j in range(cfg.altup_num_inputs - 1)]  # fmt: skip
+        back = [square(f"altup_unembed_{j}")("BTD,ED->BTE", streams[j + 1]) for j in range(cfg.altup_num_inputs - 1)]
         x = jnp.mean(jnp.stack([streams[0]] + [match_magnitude(b, target) for b in back]), axis=0)
         x = PlainRMSNorm(cfg.rms_norm_eps, self.param_dtype, name="final_norm")(x)
         logits = soft_cap(embedder.decode(x), cfg.final_logit_softcap)

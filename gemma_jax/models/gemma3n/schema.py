@@ -45,7 +45,9 @@ def _norm(path: str, hf: str, gguf: str, shape: str = "D", **kw) -> Param:
     return Param(path, shape, _NORM, hf, shape, f"{gguf}.weight", norm="plain", **kw)
 
 
-def _linear(path: str, shape: str, axes: tuple[str, ...], hf: str, hf_shape: str, gguf: str | None, int8_in: int | None = 1, **kw) -> Param:
+def _linear(
+    path: str, shape: str, axes: tuple[str, ...], hf: str, hf_shape: str, gguf: str | None, int8_in: int | None = 1, **kw
+) -> Param:
     """A torch Linear weight; int8 over its input dim (`int8_in` trailing dims) unless None."""
     return Param(path, shape, axes, hf, hf_shape, gguf and f"{gguf}.weight", int8_in=int8_in, linear=True, **kw)
 
@@ -55,7 +57,8 @@ SCHEMA: tuple[Param, ...] = (
     Param("embedder/embedding", "V D", ("vocab", "embed"), "model.embed_tokens.weight", "V D", "token_embd.weight", int8_in=1),
     Param("per_layer_embedder/embedding", "W E", ("vocab", "embed"), "model.embed_tokens_per_layer.weight", "W E",
           "per_layer_token_embd.weight", int8_in=1),
-    _linear("per_layer_proj/w", "E D", ("per_layer", "embed"), "model.per_layer_model_projection.weight", "E D", "per_layer_model_proj"),
+    _linear("per_layer_proj/w", "E D", ("per_layer", "embed"), "model.per_layer_model_projection.weight", "E D",
+            "per_layer_model_proj"),
     _norm("per_layer_proj_norm/scale", "model.per_layer_projection_norm.weight", "per_layer_proj_norm", "P"),
     # --- per layer: AltUp's router and coefficients (tiny: kept in float) ---
     _linear("layer_{i}/altup/router/w", "A D", ("altup", "embed"), _HF + "altup.modality_router.weight", "A D",
@@ -65,18 +68,20 @@ SCHEMA: tuple[Param, ...] = (
             "AA A", _BLK + "altup_predict_coef", int8_in=None),
     _linear("layer_{i}/altup/correct_coefs", "A A", ("altup", "altup"), _HF + "altup.correction_coefs.weight", "A A",
             _BLK + "altup_correct_coef", int8_in=None),
-    Param("layer_{i}/altup/correct_scale", "D", _NORM, _HF + "altup.correct_output_scale", "D", _BLK + "altup_correct_scale.weight"),
+    Param("layer_{i}/altup/correct_scale", "D", _NORM, _HF + "altup.correct_output_scale", "D",
+          _BLK + "altup_correct_scale.weight"),
     # --- attention and LAuReL, on the normed active stream ---
     _norm("layer_{i}/pre_attn_norm/scale", _HF + "input_layernorm.weight", _BLK + "attn_norm"),
     _linear("layer_{i}/laurel/left/w", "R D", ("laurel", "embed"), _HF + "laurel.linear_left.weight", "R D", _BLK + "laurel_l"),
     _linear("layer_{i}/laurel/right/w", "D R", ("embed", "laurel"), _HF + "laurel.linear_right.weight", "D R", _BLK + "laurel_r"),
     _norm("layer_{i}/laurel/norm/scale", _HF + "laurel.post_laurel_norm.weight", _BLK + "laurel_post_norm"),
-    _linear("layer_{i}/attn/q/w", "N H D", ("q_heads", "head_dim", "embed"), _HF + "self_attn.q_proj.weight", "NH D", _BLK + "attn_q"),
+    _linear("layer_{i}/attn/q/w", "N H D", ("q_heads", "head_dim", "embed"), _HF + "self_attn.q_proj.weight", "NH D",
+            _BLK + "attn_q"),
     _norm("layer_{i}/attn/q_norm/scale", _HF + "self_attn.q_norm.weight", _BLK + "attn_q_norm", "H"),
-    _linear("layer_{i}/attn/k/w", "K H D", ("kv_heads", "head_dim", "embed"), _HF + "self_attn.k_proj.weight", "KH D", _BLK + "attn_k",
-            layers="kv_owner"),
-    _linear("layer_{i}/attn/v/w", "K H D", ("kv_heads", "head_dim", "embed"), _HF + "self_attn.v_proj.weight", "KH D", _BLK + "attn_v",
-            layers="kv_owner"),
+    _linear("layer_{i}/attn/k/w", "K H D", ("kv_heads", "head_dim", "embed"), _HF + "self_attn.k_proj.weight", "KH D",
+            _BLK + "attn_k", layers="kv_owner"),
+    _linear("layer_{i}/attn/v/w", "K H D", ("kv_heads", "head_dim", "embed"), _HF + "self_attn.v_proj.weight", "KH D",
+            _BLK + "attn_v", layers="kv_owner"),
     _norm("layer_{i}/attn/k_norm/scale", _HF + "self_attn.k_norm.weight", _BLK + "attn_k_norm", "H", layers="kv_owner"),
     _linear("layer_{i}/attn/o/w", "D N H", ("embed", "q_heads", "head_dim"), _HF + "self_attn.o_proj.weight", "D NH",
             _BLK + "attn_output", int8_in=2),
