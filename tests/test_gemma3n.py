@@ -18,6 +18,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import gemma_jax
 from gemma_jax import generate as gen
 from gemma_jax import models
+from gemma_jax.kernels import Kernels
 from gemma_jax.models.family import ConfigError
 from gemma_jax.models.gemma3n import FAMILY, SCHEMA, Gemma3nConfig, Transformer, init_cache
 from gemma_jax.models.gemma3n.hf import params_from_hf, params_to_hf
@@ -170,6 +171,18 @@ def test_int8_weights_and_remat_run_the_same_model():
     _close(np.asarray(forward(unflatten_dict(int8)))[mask], want, "int8 weights")
     remat = run(Transformer(config, remat="block"))(params)  # fresh_cache stays a static argument
     _close(np.asarray(remat)[mask], np.asarray(forward(params))[mask], "remat", tol=1e-6)
+
+
+def test_splash_attention_computes_what_xla_does():
+    """The TPU default for whole sequences (Pallas splash attention, interpret mode here), KV-sharing
+    layers reading their source's chunk, on a 128-token batch with a right-padded row."""
+    config, params = ours(make_hf_model(**CASES["altup4-share2-sparse"]))
+    tokens = np.random.RandomState(0).randint(3, config.vocab_size, (2, 128))
+    positions, segments = np.broadcast_to(np.arange(128), (2, 128)), np.ones_like(tokens)
+    segments[1, 100:] = 0
+    run = lambda kernels: jax.jit(lambda p: Transformer(config, kernels=kernels).apply({"params": p}, tokens, positions, segments)[0])
+    xla, splash = run(Kernels())(params), run(Kernels(attention="splash", interpret=True))(params)
+    _close(np.asarray(splash)[segments > 0], np.asarray(xla)[segments > 0], "splash")
 
 
 def test_a_saved_transformers_checkpoint_loads_through_gemma_jax_load(tmp_path, monkeypatch):
