@@ -136,3 +136,17 @@ def test_an_existing_classifier_keeps_its_head_and_a_lora_run_resumes(text_check
     bad.write_text(json.dumps({"text": "a b", "label": "good"}) + "\n" + json.dumps({"text": "c", "label": "great"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: label 'great' is not one of the head's labels \['bad', 'good', 'other'\]"):
         finetune(dataclasses.replace(cfg, data=str(bad), out=str(tmp_path / "run2")), devices=jax.devices()[:1], progress=False)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["full", "lora"])
+def test_sharded_head_training_equals_one_device(text_checkpoint, data, tmp_path, lora_rank):
+    """The same 6 steps on fsdp=2,tensor=2 (4 devices) and on one device: equal losses and equal trained heads."""
+    runs = {}
+    for name, mesh, devices in (("one", "fsdp=1", 1), ("mesh", "fsdp=2,tensor=2", 4)):
+        cfg = _cfg(text_checkpoint[1], SEQUENCE, data, tmp_path / name, lora_rank=lora_rank, steps=6, save_every=6,
+                   eval_every=6, export=(), mesh=mesh)  # fmt: skip
+        runs[name] = finetune(cfg, devices=jax.devices()[:devices], progress=False)
+    one, mesh = runs["one"], runs["mesh"]
+    np.testing.assert_allclose([mesh.losses[s] for s in sorted(mesh.losses)], [one.losses[s] for s in sorted(one.losses)],
+                               rtol=2e-4)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(mesh.params["score"]["w"]), np.asarray(one.params["score"]["w"]), rtol=2e-3, atol=1e-5)

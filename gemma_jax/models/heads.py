@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from gemma_jax.kernels import Kernels
 from gemma_jax.layers import project
 from gemma_jax.models.family import ConfigError
 
@@ -177,13 +178,14 @@ class Score(nn.Module):
     head: Head
     embed_dim: int
     param_dtype: Any = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         shape = (self.head.num_labels, self.embed_dim)
         init = nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), SCORE_AXES)
         w = self.param("w", init, shape, self.param_dtype)
-        scores = project("...D,LD->...L", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        scores = project("...D,LD->...L", x, w.astype(x.dtype), self.kernels, preferred_element_type=jnp.float32)
         if self.head.bias:
             b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, SCORE_AXES[:1]), shape[:1], self.param_dtype)
             scores = scores + b.astype(jnp.float32)

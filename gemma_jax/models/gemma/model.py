@@ -254,5 +254,5 @@ class Transformer(nn.Module):
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, None, None], axis=1)[:, 0]  # B D
         if not cfg.head.is_lm:
-            return Score(cfg.head, cfg.embed_dim, self.param_dtype, name=HEAD_KEY)(x), new_cache
+            return Score(cfg.head, cfg.embed_dim, self.param_dtype, self.kernels, name=HEAD_KEY)(x), new_cache
         return soft_cap(embedder.decode(x), cfg.final_logit_softcap), new_cache
