@@ -137,18 +137,20 @@ def prefill_peak(config: Config, layout: Layout, batch: int, T: int, c: int, spl
     materialises f32 logits and c-byte probs [B N T T] and computes every key (windows masked,
     not skipped); splash attention (TPU, T a multiple of 128) holds no logits and skips blocks
     the mask rules out: about T/2 keys per query on global layers, a window on local ones.
-    Peak = residual + normed input [B T D] plus the larger of attention (q, k, v, out, + logits
-    and probs when dense) and MLP (gate, up, gelu*up [B T F]). B, N, K, F are per-device shards
-    under the act_* rules; c = compute dtype bytes.
+    Peak = the residual streams (one, or Gemma 3n's AltUp streams) + normed input [B T D] plus the
+    larger of attention (q, k, v, out, + logits and probs when dense) and MLP (gate, up, gelu*up
+    [B T F], F of the widest layer). B, N, K, F are per-device shards under the act_* rules; c =
+    compute dtype bytes.
     """
+    widest = max(config.mlp_dim) if isinstance(config.mlp_dim, tuple) else config.mlp_dim  # Gemma 3n: per layer
+    streams = getattr(config, "altup_num_inputs", 1)  # Gemma 3n carries several residual streams
     # One name at a time: heads and mlp all map to `tensor`, which one array could use only once.
-    dims = {"act_batch": batch, "act_heads": config.num_heads, "act_kv_heads": config.num_kv_heads,
-            "act_mlp": config.mlp_dim}  # fmt: skip
+    dims = {"act_batch": batch, "act_heads": config.num_heads, "act_kv_heads": config.num_kv_heads, "act_mlp": widest}
     B, N, K, F = (local_shape(layout, (name,), (n,))[0] for name, n in dims.items())
     D, H = config.embed_dim, config.head_dim
     attention = B * T * (2 * N + 2 * K) * H * c + (0 if splash else B * N * T * T * (4 + c))
     keys = [(T / 2 if kind == "global" else _slots(config, kind, T)) if splash else T for kind in config.layer_kinds]
-    peak = 2 * B * T * D * c + max(attention, 3 * B * T * F * c)
+    peak = (streams + 1) * B * T * D * c + max(attention, 3 * B * T * F * c)
     return peak, 4.0 * B * N * H * T * sum(keys)  # QK^T and PV: 2 matmuls x 2 FLOPs per MAC
 
 
@@ -196,8 +198,12 @@ def plan(
     t_flop = (2.0 * elements * B + decode_attn) / peak
     p_mem, p_flop = (read + cache) / hw.bandwidth, (2.0 * elements * B * seq + prefill_attn) / peak
     rows_fit = max(0, (hw.hbm - params - cache) * B // acts) * (batch // B)  # activations are linear in B
+    largest = max(_params(config, quant), key=lambda p: math.prod(p[2]))
+    largest_bytes = math.prod(local_shape(layout, largest[1], largest[2])) * np.dtype(largest[3] or pdtype).itemsize
     notes = (
         "collective (ICI/NVLink) costs, kernel efficiency and XLA's reserved HBM are ignored",
+        f"largest parameter {'/'.join(largest[0])} {list(largest[2])}: {largest_bytes / GiB:.2f} GiB per device "
+        f"(axes {', '.join(map(str, largest[1]))}, placed by the {rules} rules)",
         f"decode reads KV at avg context {context} (today's dense decode reads all {seq} slots: decode_context={seq})",
         "prefill attention: splash kernel (no [T T] logits; masked blocks skipped)" if splash else
         "prefill attention: dense f32 logits over the prompt (S = T), windows masked not skipped",

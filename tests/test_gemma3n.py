@@ -21,7 +21,7 @@ from gemma_jax import models
 from gemma_jax.kernels import Kernels
 from gemma_jax.models.family import ConfigError
 from gemma_jax.models.gemma3n import FAMILY, SCHEMA, Gemma3nConfig, Transformer, init_cache
-from gemma_jax.models.gemma3n.hf import params_from_hf, params_to_hf
+from gemma_jax.checkpoint.hf import params_from_hf, params_to_hf
 from gemma_jax.models.gemma3n.model import gaussian_top_k
 from gemma_jax.quant import quantize_weight
 from gemma_jax.sampling import Sampler
@@ -280,3 +280,103 @@ def test_bad_config_json_names_the_key(change, key):
     with pytest.raises(ConfigError) as err:
         Gemma3nConfig.from_hf(hf)
     assert err.value.field == key, str(err.value)
+
+
+# --- the family in the rest of gemma_jax: formats, meshes, multimodal checkpoints, jobs, plan ------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved Gemma3nForCausalLM (KV sharing, sparsity, 4 streams) with a tokenizer beside it."""
+    from gemma_jax.tiny import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("g3n")
+    model = make_hf_model(**CASES["altup4-share2-sparse"], vocab_size=512, vocab_size_per_layer_input=512)
+    model.save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer.model").write_bytes((tiny_checkpoint(root / "cache") / "tokenizer.model").read_bytes())
+    return model, root / "hf"
+
+
+def test_hf_to_orbax_to_hf_is_bit_exact(saved, tmp_path):
+    from safetensors.numpy import load_file
+
+    from gemma_jax.convert import convert
+
+    _, hf = saved
+    convert(hf, tmp_path / "orbax", to="orbax", quiet=True)
+    convert(tmp_path / "orbax", tmp_path / "back", to="hf", quiet=True)
+    before, after = load_file(hf / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(after) == set(before) - {"lm_head.weight"}  # the tied head is not stored twice
+    for name, x in after.items():
+        assert x.dtype == before[name].dtype and np.array_equal(x.view(np.uint8), before[name].view(np.uint8)), name
+
+
+def test_sharded_logits_on_the_8_device_mesh_equal_one_device(saved):
+    from gemma_jax.sharding import make_mesh
+
+    _, hf = saved
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41, 60, 3, 17, 19, 23, 29, 31, 37], [2, 8, 300, 7]]
+    one = gemma_jax.load(hf, dtype="float32").logits(rows)
+    for spec in ("data=2,tensor=4", "fsdp=2,tensor=4"):
+        sharded = gemma_jax.load(hf, dtype="float32", mesh=make_mesh(spec), rules="inference" if "data" in spec else "training")
+        assert sharded.params["layer_0"]["attn"]["q"]["w"].sharding.num_devices == 8
+        np.testing.assert_allclose(sharded.logits(rows), one, rtol=1e-5, atol=1e-5 * np.abs(one).max(), err_msg=spec)
+
+
+def test_a_multimodal_checkpoint_loads_its_language_model_only(saved, tmp_path, capfd):
+    """A Gemma3nForConditionalGeneration layout: the text stack under model.language_model., towers beside it,
+    the text config as `text_config`: gemma_jax reads the language model, says so, and leaves the rest."""
+    from safetensors.numpy import load_file, save_file
+
+    model, hf = saved
+    text = load_file(hf / "model.safetensors")
+    mm = tmp_path / "mm"
+    mm.mkdir()
+    tensors = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in text.items() if k.startswith("model.")}
+    tensors |= {"model.vision_tower.timm_model.conv_stem.weight": np.ones((4, 3, 3, 3), np.float32),
+                "model.audio_tower.conformer.0.norm.weight": np.ones(8, np.float32),
+                "model.embed_vision.embedding.weight": np.ones((6, 32), np.float32)}  # fmt: skip
+    save_file(tensors, mm / "model.safetensors")
+    text_config = json.loads((hf / "config.json").read_text())
+    config = {"model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"], "text_config": text_config,
+              "vision_config": {"model_type": "gemma3n_vision"}, "audio_config": {"model_type": "gemma3n_audio"}}  # fmt: skip
+    (mm / "config.json").write_text(json.dumps(config))
+    (mm / "tokenizer.model").write_bytes((hf / "tokenizer.model").read_bytes())
+    rows = [[2, 5, 9, 13, 7, 11, 40], [2, 8]]
+    want = gemma_jax.load(hf, dtype="float32").logits(rows)
+    capfd.readouterr()
+    got = gemma_jax.load(mm, dtype="float32").logits(rows)
+    assert "reading its language model only (3 other tensors not read)" in capfd.readouterr().err
+    np.testing.assert_array_equal(got, want)
+
+
+def test_lora_fine_tuning_and_int8_run_on_gemma3n(saved, tmp_path):
+    from gemma_jax.quantize import quantize_checkpoint
+    from gemma_jax.train.config import TrainConfig
+    from gemma_jax.train.run import finetune
+
+    _, hf = saved
+    text = "\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(12)) for i in range(200))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()))
+    cfg = TrainConfig(ckpt=str(hf), data=str(tmp_path / "train.jsonl"), out=str(tmp_path / "run"), steps=12, seq_len=32,
+                      batch_size=8, learning_rate=1e-2, warmup_steps=2, lora_rank=4, save_every=12, eval_every=0,
+                      export=("hf",), export_dtype="float32", mesh="fsdp=2")  # fmt: skip
+    result = finetune(cfg, devices=jax.devices()[:2], progress=False)
+    losses = [result.losses[s] for s in sorted(result.losses)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])  # the adapters learn
+    merged = gemma_jax.load(result.export["hf"], dtype="float32")
+    assert isinstance(merged.config, Gemma3nConfig)
+
+    quantize_checkpoint(hf, tmp_path / "int8", scheme="w8a16", dtype="float32", quiet=True)
+    q, f = gemma_jax.load(tmp_path / "int8"), gemma_jax.load(hf, dtype="float32")
+    assert q.params["layer_0"]["attn"]["q"]["w"].dtype == jnp.int8
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41]]
+    assert np.mean(q.logits(rows).argmax(-1) == f.logits(rows).argmax(-1)) >= 0.75
+
+
+def test_plan_sizes_the_real_e4b(capsys):
+    from gemma_jax.cli import main
+
+    main(["plan", "--model", "gemma3n-e4b", "--chip", "v5e", "--mesh", "tensor=4", "--batch", "8", "--seq", "4096"])
+    out = capsys.readouterr().out
+    assert "largest parameter per_layer_embedder/embedding [262144, 8960]" in out and "fits" in out

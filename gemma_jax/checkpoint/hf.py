@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
@@ -28,10 +29,10 @@ import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 
 from gemma_jax.checkpoint.registry import Format, WriteOptions, register
-from gemma_jax.checkpoint.source import FLOAT_DTYPES, Put, Shape, TensorSource, collect, params_source
+from gemma_jax.checkpoint.source import FLOAT_DTYPES, Put, Shape, TensorSource, collect, params_source, set_path
 from gemma_jax.checkpoint.staging import refuse_existing, staged_dir
-from gemma_jax.models import Config, ConfigError, TensorSpec, config_from_hf, tensor_specs
-from gemma_jax.models.family import check_layer_count, listing
+from gemma_jax.models import Config, ConfigError, TensorSpec, config_from_hf, family_of, tensor_specs
+from gemma_jax.models.family import check_layer_count, check_shapes, listing
 from gemma_jax.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
 CONFIG_FILE = "config.json"
@@ -54,23 +55,71 @@ _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 
 
 def hf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
-    """Open a HF Gemma checkpoint directory for streaming; `dtype` casts each tensor as it is read."""
+    """Open a HF checkpoint directory for streaming; `dtype` casts each tensor as it is read.
+
+    A multimodal checkpoint (config.json with a `text_config`, e.g. Gemma 3n's) is read as its
+    language model: the family's text-stack tensors only, the vision and audio towers left unread
+    (a note on stderr says so)."""
     root = Path(path)
     config = read_hf_config(root)
-    located = locate_tensors(root)
-    check_layer_count(config, len(located), root / CONFIG_FILE)
+    stored = locate_tensors(root)
+    check_layer_count(config, len(stored), root / CONFIG_FILE)
+    names = text_tensor_names(config, stored, multimodal="text_config" in read_json(root / CONFIG_FILE))
+    if len(names) < len(stored):
+        print(f"note: {root} holds a multimodal model; reading its language model only "
+              f"({len(stored) - len(names)} other tensors not read)", file=sys.stderr)  # fmt: skip
+    located = {name: stored[names[name]] for name in names}
     specs = tensor_specs(config)
     _validate(located, specs, config)
     if TIED_HEAD in located:
-        _check_tied(located)
+        _check_tied(located, names)
     cast = None if dtype is None else np.dtype(dtype)
     dtypes = {s.path: cast or located[name].dtype for name, s in specs.items()}
 
     def read(spec: TensorSpec) -> np.ndarray:
-        x = spec.to_ours(read_tensor(located[spec.hf_name].file, spec.hf_name))
+        x = spec.to_ours(read_tensor(located[spec.hf_name].file, names[spec.hf_name]))
         return x if cast is None else x.astype(cast, copy=False)
 
     return TensorSource(config, dtypes, read, read_tokenizer(root / TOKENIZER_FILE, config), origin=str(root))
+
+
+def text_tensor_names(config: Config, stored: Iterable[str], *, multimodal: bool) -> dict[str, str]:
+    """The tensors of a checkpoint that the model reads: our HF name -> the name stored.
+
+    A multimodal checkpoint keeps the text stack under the family's `hf_text_prefix` (renamed to
+    `model.`; other tensors but the tied head are not read). Tensors the family declares unused
+    (`hf_unused`) are dropped; everything else is kept, for validation to judge."""
+    family = family_of(config)
+    prefix = family.hf_text_prefix if multimodal else None
+    names = {}
+    for name in stored:
+        canonical = name
+        if prefix is not None:
+            if not name.startswith(prefix) and name != TIED_HEAD:
+                continue
+            canonical = "model." + name.removeprefix(prefix) if name.startswith(prefix) else name
+        if family.hf_unused is None or not family.hf_unused(config, canonical):
+            names[canonical] = name
+    return names
+
+
+def params_from_hf(config: Config, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Our params pytree (numpy, our layout) from HF-named tensors in memory, e.g. a transformers
+    `state_dict()` as numpy: names and shapes checked against the config as a checkpoint's are."""
+    prefix = family_of(config).hf_text_prefix
+    names = text_tensor_names(config, tensors, multimodal=prefix is not None and any(n.startswith(prefix) for n in tensors))
+    specs = tensor_specs(config)
+    found = {name: tuple(np.shape(tensors[stored])) for name, stored in names.items() if name != TIED_HEAD}
+    check_shapes(found, {name: s.hf_shape for name, s in specs.items()}, f"{config.model_type} tensors")
+    params: dict[str, Any] = {}
+    for name, s in specs.items():
+        set_path(params, s.path, s.to_ours(np.asarray(tensors[names[name]])))
+    return params
+
+
+def params_to_hf(config: Config, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """HF-named tensors (contiguous numpy, HF's order) of our params pytree: what a checkpoint would hold."""
+    return {s.hf_name: s.to_hf(np.asarray(x)) for s, x in params_source(config, params)}
 
 
 def load_hf(
@@ -307,9 +356,10 @@ def _validate(located: Mapping[str, _Located], specs: Mapping[str, TensorSpec], 
             raise ValueError(f"tensor {name} in {loc.file} is {loc.dtype.name}; expected float32, bfloat16 or float16")
 
 
-def _check_tied(located: Mapping[str, _Located]) -> None:
+def _check_tied(located: Mapping[str, _Located], names: Mapping[str, str]) -> None:
     """An explicit lm_head is only acceptable if it is a copy of the embedding (tied weights)."""
-    if not np.array_equal(read_tensor(located[TIED_HEAD].file, TIED_HEAD), read_tensor(located[EMBEDDING].file, EMBEDDING)):
+    head, embedding = (read_tensor(located[n].file, names[n]) for n in (TIED_HEAD, EMBEDDING))
+    if not np.array_equal(head, embedding):
         raise ValueError(
             f"tensor {TIED_HEAD} in {located[TIED_HEAD].file} differs from {EMBEDDING}; "
             "Gemma ties them and untied output embeddings are not supported"

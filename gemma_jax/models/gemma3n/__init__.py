@@ -4,8 +4,9 @@
 from gemma_jax.models.family import Family
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
 from gemma_jax.models.gemma3n.model import CACHE_AXES, Transformer, init_cache
-from gemma_jax.models.gemma3n.schema import SCHEMA, WHEN, dims
+from gemma_jax.models.gemma3n.schema import HF_TEXT_PREFIX, SCHEMA, WHEN, dims, hf_unused
 
-FAMILY = Family("gemma3n", Gemma3nConfig, Transformer, init_cache, CACHE_AXES, SCHEMA, WHEN, dims)
+FAMILY = Family("gemma3n", Gemma3nConfig, Transformer, init_cache, CACHE_AXES, SCHEMA, WHEN, dims,
+                hf_unused=hf_unused, hf_text_prefix=HF_TEXT_PREFIX)  # fmt: skip
 
 __all__ = ["FAMILY", "SCHEMA", "WHEN", "Gemma3nConfig", "Transformer", "dims", "init_cache"]

@@ -19,6 +19,7 @@ import yaml
 from gemma_jax import configs
 from gemma_jax.models.family import ConfigError
 from gemma_jax.models.gemma.config import LAYER_KINDS, _first, _given, _layer_pattern, _required, _short
+from gemma_jax.models.heads import Head, head_of
 
 MODEL_TYPE = "gemma3n_text"
 MULTIMODAL_MODEL_TYPE = "gemma3n"  # Gemma3nForConditionalGeneration: the text stack is its `text_config`
@@ -85,10 +86,14 @@ class Gemma3nConfig:
     eos_id: int = 1
     bos_id: int = 2
     model_type: str = MODEL_TYPE
+    head: Head = Head()  # the LM's vocab logits: transformers has no Gemma 3n classifier to match
 
     def __post_init__(self) -> None:
         if self.model_type != MODEL_TYPE:
             raise ConfigError("model_type", f"is {self.model_type!r}; this family reads {MODEL_TYPE!r}")
+        object.__setattr__(self, "head", head_of(self.head))  # a dict where a stored config is read back
+        if not self.head.is_lm:
+            raise ConfigError("head", "must be the causal LM's: Gemma 3n has no classification heads (transformers has none)")
         for name, kind in _FIELD_KINDS.items():
             _check_field(self, name, kind)
         if isinstance(self.layer_pattern, list):

@@ -38,6 +38,17 @@ WHEN: dict[str, Callable[..., bool]] = {
     "altup_extra_stream": lambda config, i: i < config.altup_num_inputs - 1,  # "{i}": an extra stream
 }
 _HF, _BLK = "model.layers.{i}.", "blk.{i}."
+HF_TEXT_PREFIX = "model.language_model."  # Gemma3nForConditionalGeneration's text stack; towers beside it are not read
+
+
+def hf_unused(config: Gemma3nConfig, name: str) -> bool:
+    """k/v projections and k norms of KV-sharing layers, which checkpoints of older transformers versions carry
+    although no forward reads them."""
+    parts = name.split(".")
+    if len(parts) != 6 or parts[:2] != ["model", "layers"] or parts[3] != "self_attn" or not parts[2].isdigit():
+        return False
+    layer = int(parts[2])
+    return parts[4] in ("k_proj", "v_proj", "k_norm") and layer < config.num_layers and config.kv_source(layer) != layer
 _NORM = ("norm",)
 
 
