@@ -14,6 +14,7 @@ not pass `quant` at all.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -163,3 +164,23 @@ def rope(x: Array, positions: Array, base: float, scale: float = 1.0) -> Array:
 def soft_cap(x: Array, cap: float | None) -> Array:
     """cap * tanh(x / cap): bounds logits smoothly to (-cap, cap); identity when cap is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+# Rematerialisation trades compute for activation memory in training: "none" keeps every
+# activation for the backward pass; "block" keeps only each layer's input and recomputes the
+# layer; "dots" also keeps the projections' outputs (matmuls without batch dims) and recomputes
+# attention and the elementwise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.cache
+def rematerialized(block: type[nn.Module], remat: str, static_argnum: int) -> type[nn.Module]:
+    """A decoder block class wrapped in `nn.remat` under policy `remat` (unwrapped for "none"); argument
+    `static_argnum` of its call (the `fresh_cache` flag) stays static."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    return block if remat == "none" else nn.remat(block, static_argnums=(static_argnum,), policy=REMAT_POLICIES[remat])

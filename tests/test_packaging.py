@@ -27,7 +27,7 @@ def test_wheel_in_a_fresh_venv_beside_a_users_own_configs_package(tmp_path):
     project = tmp_path / "project"  # a user's project with packages named like ours used to be
     for name in ("configs", "sharding"):
         (project / name).mkdir(parents=True)
-        (project / name / "__init__.py").write_text(f"OWNER = 'user'\n")
+        (project / name / "__init__.py").write_text("OWNER = 'user'\n")
     script = (
         "import configs, sharding, gemma_jax, gemma_jax.configs, gemma_jax.sharding\n"
         "assert configs.OWNER == sharding.OWNER == 'user', 'the user project\\'s own packages'\n"

@@ -12,14 +12,12 @@ consume the same `TensorSource`, which is how the converter joins any reader to 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import math
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePath
 from typing import Any, NamedTuple
 
@@ -28,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from safetensors import SafetensorError, safe_open
 
-from gemma_jax.checkpoint.registry import Format, WriteOptions, register
+from gemma_jax.checkpoint.registry import Format, register
 from gemma_jax.checkpoint.source import FLOAT_DTYPES, Put, Shape, TensorSource, collect, params_source, set_path
 from gemma_jax.checkpoint.staging import refuse_existing, staged_dir
 from gemma_jax.models import Config, ConfigError, TensorSpec, config_from_hf, family_of, tensor_specs

@@ -8,21 +8,17 @@ model file.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import Any, ClassVar
 
-import yaml
 
-from gemma_jax import configs
+from gemma_jax.models.config_base import (
+    LAYER_KINDS, FamilyConfig, check_field, first, given, layer_pattern, required, short,
+)  # fmt: skip
 from gemma_jax.models.family import ConfigError
 from gemma_jax.models.heads import Head, head_of
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _HF_ARCHITECTURE = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
-LAYER_KINDS = ("local", "global")
-# Hugging Face `layer_types` entries and ours.
-_HF_LAYER_KIND = {"sliding_attention": "local", "full_attention": "global"}
 # What each field must hold; every config, from any file, is checked against this in one place.
 _FIELD_KINDS = {
     "vocab_size": "count", "embed_dim": "count", "num_layers": "count", "num_heads": "count",
@@ -32,7 +28,6 @@ _FIELD_KINDS = {
     "max_position": "count", "rope_base": "positive", "rope_local_base": "optional positive",
     "rope_scale": "positive", "rms_norm_eps": "positive", "pad_id": "token id", "eos_id": "token id", "bos_id": "token id",
 }  # fmt: skip
-_OPTIONAL = ("optional count", "optional positive")
 # Our field -> the Hugging Face config.json key it comes from, for error messages.
 _HF_FIELD = {
     "embed_dim": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -45,7 +40,7 @@ _HF_FIELD = {
 
 
 @dataclasses.dataclass(frozen=True)
-class GemmaConfig:
+class GemmaConfig(FamilyConfig):
     """Hyper-parameters of a Gemma decoder. Field names follow the papers, not Hugging Face."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = MODEL_TYPES  # the Hugging Face model_type values of this family
@@ -80,22 +75,7 @@ class GemmaConfig:
         if self.model_type not in MODEL_TYPES:
             raise ConfigError("model_type", f"is {self.model_type!r}; supported: {', '.join(MODEL_TYPES)}")
         for name, kind in _FIELD_KINDS.items():
-            value = getattr(self, name)
-            if value is None and kind in _OPTIONAL:
-                continue
-            if kind in ("count", "optional count", "token id"):
-                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                    raise ConfigError(name, f"must be an integer, got {value!r}")
-                object.__setattr__(self, name, int(value))  # numpy integers from metadata become plain ints
-                if kind == "token id" and not 0 <= value < self.vocab_size:
-                    raise ConfigError(name, f"must be a token id below vocab_size={self.vocab_size}, got {value!r}")
-                if kind != "token id" and value <= 0:
-                    raise ConfigError(name, f"must be a positive integer, got {value!r}")
-            elif kind in ("positive", "optional positive"):
-                if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
-                    raise ConfigError(name, f"must be a positive finite number, got {value!r}")
-            elif not isinstance(value, bool):
-                raise ConfigError(name, f"must be true or false, got {value!r}")
+            check_field(self, name, kind)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
         if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
@@ -109,21 +89,6 @@ class GemmaConfig:
         if kind == "local":
             return (self.rope_local_base or self.rope_base), 1.0
         return self.rope_base, self.rope_scale
-
-    @property
-    def layer_kinds(self) -> tuple[str, ...]:
-        """'local' (sliding window) or 'global' for each layer."""
-        pattern = self.layer_pattern
-        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
-
-    def replace(self, **changes: Any) -> GemmaConfig:
-        return dataclasses.replace(self, **changes)
-
-    # --- presets -------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> GemmaConfig:
-        """A shipped preset from `configs/models/NAME.yaml`, e.g. ``gemma2-9b``."""
-        return cls(**{**yaml.safe_load(configs.model_preset_text(name)), **overrides})
 
     # --- Hugging Face config.json ----------------------------------------------------------
     @classmethod
@@ -139,50 +104,50 @@ class GemmaConfig:
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu"):  # Gemma always uses the tanh GELU; old configs say "gelu"
             raise ConfigError("hidden_activation", f"is {act!r}; Gemma uses gelu_pytorch_tanh")
-        rope = _given(hf, "rope_parameters", {})
+        rope = given(hf, "rope_parameters", {})
         if not isinstance(rope, dict):
-            raise ConfigError("rope_parameters", f"must be an object, got {_short(rope)}")
+            raise ConfigError("rope_parameters", f"must be an object, got {short(rope)}")
         global_rope, local_rope = rope.get("full_attention", rope), rope.get("sliding_attention", rope)
         for key, params in (("rope_parameters.full_attention", global_rope), ("rope_parameters.sliding_attention", local_rope)):
             if not isinstance(params, dict):
-                raise ConfigError(key, f"must be an object, got {_short(params)}")
+                raise ConfigError(key, f"must be an object, got {short(params)}")
             if params.get("rope_type", "default") not in ("default", "linear"):
                 raise ConfigError(key, f"has unsupported rope_type {params.get('rope_type')!r}")
-        hidden, heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
+        hidden, heads = required(hf, "hidden_size"), required(hf, "num_attention_heads")
         divisible = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (hidden, heads))
-        head_dim = _given(hf, "head_dim", hidden // heads if divisible else None)
-        num_layers = _required(hf, "num_hidden_layers")
+        head_dim = given(hf, "head_dim", hidden // heads if divisible else None)
+        num_layers = required(hf, "num_hidden_layers")
         head = Head.from_hf(hf)
         if model_type != "gemma":
             extra = dict(
-                layer_pattern=_layer_pattern(hf.get("layer_types"), num_layers),
-                sliding_window=_given(hf, "sliding_window", 4096),
+                layer_pattern=layer_pattern(hf.get("layer_types"), num_layers),
+                sliding_window=given(hf, "sliding_window", 4096),
                 attn_logit_softcap=hf.get("attn_logit_softcapping"),
                 final_logit_softcap=hf.get("final_logit_softcapping"),
                 use_post_norms=True,
                 use_qk_norm=model_type == "gemma3_text",
-                query_pre_attn_scalar=_given(hf, "query_pre_attn_scalar", head_dim),
+                query_pre_attn_scalar=given(hf, "query_pre_attn_scalar", head_dim),
             )
             if model_type == "gemma3_text":
-                extra.update(rope_local_base=local_rope.get("rope_theta"), rope_scale=_given(global_rope, "factor", 1.0))
+                extra.update(rope_local_base=local_rope.get("rope_theta"), rope_scale=given(global_rope, "factor", 1.0))
         else:
             extra = dict(layer_pattern=("global",), query_pre_attn_scalar=head_dim)
         try:
             return cls(
                 model_type=model_type,
-                vocab_size=_required(hf, "vocab_size"),
+                vocab_size=required(hf, "vocab_size"),
                 embed_dim=hidden,
                 num_layers=num_layers,
                 num_heads=heads,
-                num_kv_heads=_given(hf, "num_key_value_heads", heads),
+                num_kv_heads=given(hf, "num_key_value_heads", heads),
                 head_dim=head_dim,
-                mlp_dim=_required(hf, "intermediate_size"),
-                max_position=_given(hf, "max_position_embeddings", 8192),
-                rope_base=_given(global_rope, "rope_theta", _given(hf, "rope_theta", 10_000.0)),
-                rms_norm_eps=_given(hf, "rms_norm_eps", 1e-6),
-                pad_id=_given(hf, "pad_token_id", 0),
-                eos_id=_first(_given(hf, "eos_token_id", 1)),
-                bos_id=_given(hf, "bos_token_id", 2),
+                mlp_dim=required(hf, "intermediate_size"),
+                max_position=given(hf, "max_position_embeddings", 8192),
+                rope_base=given(global_rope, "rope_theta", given(hf, "rope_theta", 10_000.0)),
+                rms_norm_eps=given(hf, "rms_norm_eps", 1e-6),
+                pad_id=given(hf, "pad_token_id", 0),
+                eos_id=first(given(hf, "eos_token_id", 1)),
+                bos_id=given(hf, "bos_token_id", 2),
                 head=head,
                 **extra,
             )
@@ -227,57 +192,3 @@ class GemmaConfig:
             local_rope = {"rope_theta": local_base, "rope_type": "default"}
             hf["rope_parameters"] = {"full_attention": global_rope, "sliding_attention": local_rope}
         return {**hf, **self.head.to_hf(self.model_type)}
-
-
-def _required(hf: dict[str, Any], key: str) -> Any:
-    if hf.get(key) is None:
-        raise ConfigError(key, "is missing")
-    return hf[key]
-
-
-def _given(hf: dict[str, Any], key: str, default: Any) -> Any:
-    """hf[key], or `default` where the key is absent or null (never where it holds 0 or "")."""
-    value = hf.get(key)
-    return default if value is None else value
-
-
-def _layer_pattern(layer_types: Any, num_layers: Any) -> tuple[str, ...]:
-    """Our repeating layer pattern from HF `layer_types` (Gemma 2's alternation when absent)."""
-    if layer_types is None:
-        return ("local", "global")
-    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
-        raise ConfigError("layer_types", f"must list one entry per layer ({num_layers!r}), got {_short(layer_types)}")
-    bad = [t for t in layer_types if t not in _HF_LAYER_KIND]
-    if bad:
-        raise ConfigError("layer_types", f"holds {_short(bad[0])}; entries are {' or '.join(_HF_LAYER_KIND)}")
-    return _shortest_period([_HF_LAYER_KIND[t] for t in layer_types])
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _shortest_period(kinds: list[str]) -> tuple[str, ...]:
-    """The shortest pattern whose repetition gives `kinds` (["local","global"]*13 -> ("local","global")).
-
-    Linear time (the Knuth-Morris-Pratt failure function: the longest proper border of the
-    whole list is `len - period`), so a long `layer_types` list cannot stall loading."""
-    if not kinds:
-        return ()
-    border = [0] * len(kinds)
-    for i in range(1, len(kinds)):
-        k = border[i - 1]
-        while k and kinds[i] != kinds[k]:
-            k = border[k - 1]
-        border[i] = k + (kinds[i] == kinds[k])
-    return tuple(kinds[: len(kinds) - border[-1]])
-
-
-def _first(value: Any) -> Any:
-    """The first of a list of ids (HF allows several eos ids); an empty list is refused."""
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError("eos_token_id", "is an empty list")
-        return value[0]
-    return value

@@ -23,7 +23,6 @@ program being traced (backends and mesh layout), so nothing here reads global st
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -32,7 +31,7 @@ from flax import linen as nn
 
 from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
-from gemma_jax.layers import Einsum, Embedder, RMSNorm, rope, soft_cap
+from gemma_jax.layers import Einsum, Embedder, RMSNorm, rematerialized, rope, soft_cap
 from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.models.heads import HEAD_KEY, Score
 from gemma_jax.sharding import Layout, constrain
@@ -192,25 +191,6 @@ class Block(nn.Module):
 
 
 
-# Rematerialisation trades compute for activation memory in training: "none" keeps every
-# activation for the backward pass; "block" keeps only each layer's input and recomputes the
-# layer; "dots" also keeps the projections' outputs (matmuls without batch dims) and recomputes
-# attention and the elementwise ops.
-REMAT_POLICIES = {
-    "none": None,
-    "block": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-@functools.cache
-def _block_class(remat: str) -> type[Block]:
-    """Block, wrapped in `nn.remat` unless `remat` is "none" (`fresh_cache`, argument 5, is static)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    return Block if remat == "none" else nn.remat(Block, static_argnums=(5,), policy=REMAT_POLICIES[remat])
-
-
 class Transformer(nn.Module):
     """Gemma decoder. Params are stored in `param_dtype`; activations are computed in `dtype`.
 
@@ -222,7 +202,7 @@ class Transformer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     quant: str | None = None
-    remat: str = "none"  # training: which activations the backward pass recomputes (see REMAT_POLICIES)
+    remat: str = "none"  # training: which activations the backward pass recomputes (see layers.REMAT_POLICIES)
     kernels: Kernels = Kernels()  # backends and mesh layout of the program being traced
 
     @nn.compact
@@ -245,7 +225,7 @@ class Transformer(nn.Module):
         new_cache = {} if cache is not None else None
         for i, kind in enumerate(cfg.layer_kinds):
             name = f"layer_{i}"
-            x, layer_cache = _block_class(self.remat)(cfg, kind, self.param_dtype, self.quant, self.kernels, name=name)(
+            x, layer_cache = rematerialized(Block, self.remat, 5)(cfg, kind, self.param_dtype, self.quant, self.kernels, name=name)(
                 x, positions, segment_ids, None if cache is None else cache[name], fresh_cache
             )
             if cache is not None:

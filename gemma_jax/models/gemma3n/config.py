@@ -10,15 +10,12 @@ same way as `GemmaConfig` (a `ConfigError` names our field, or the config.json k
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from typing import Any, ClassVar
 
-import yaml
 
-from gemma_jax import configs
+from gemma_jax.models.config_base import LAYER_KINDS, FamilyConfig, check_field, first, given, layer_pattern, required, short
 from gemma_jax.models.family import ConfigError
-from gemma_jax.models.gemma.config import LAYER_KINDS, _first, _given, _layer_pattern, _required, _short
 from gemma_jax.models.heads import Head, head_of
 
 MODEL_TYPE = "gemma3n_text"
@@ -53,7 +50,7 @@ _HF_SPARSE_LAYERS, _HF_SPARSITY = 10, 0.95  # transformers' default sparsity: th
 
 
 @dataclasses.dataclass(frozen=True)
-class Gemma3nConfig:
+class Gemma3nConfig(FamilyConfig):
     """Hyper-parameters of a Gemma 3n text decoder. Hashable (tuples only): a static jit argument."""
 
     MODEL_TYPES: ClassVar[tuple[str, ...]] = (MODEL_TYPE, MULTIMODAL_MODEL_TYPE)  # the config.json model_types it reads
@@ -95,7 +92,7 @@ class Gemma3nConfig:
         if not self.head.is_lm:
             raise ConfigError("head", "must be the causal LM's: Gemma 3n has no classification heads (transformers has none)")
         for name, kind in _FIELD_KINDS.items():
-            _check_field(self, name, kind)
+            check_field(self, name, kind)
         if isinstance(self.layer_pattern, list):
             object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
         object.__setattr__(self, "mlp_dim", _per_layer(self.mlp_dim, self.num_layers, "mlp_dim", _check_count))
@@ -105,7 +102,7 @@ class Gemma3nConfig:
         if self.num_heads % self.num_kv_heads:
             raise ConfigError("num_heads", f"must be a multiple of num_kv_heads={self.num_kv_heads}, got {self.num_heads}")
         if not isinstance(self.layer_pattern, tuple) or not self.layer_pattern or set(self.layer_pattern) - set(LAYER_KINDS):
-            raise ConfigError("layer_pattern", f"must list 'local'/'global' entries, got {_short(self.layer_pattern)}")
+            raise ConfigError("layer_pattern", f"must list 'local'/'global' entries, got {short(self.layer_pattern)}")
         if "local" in self.layer_pattern and not self.sliding_window:
             raise ConfigError("sliding_window", "is not set, but layer_pattern has local layers")
         if self.altup_num_inputs - 1 > self.num_layers:  # the schema indexes the extra streams' projections like layers
@@ -123,12 +120,6 @@ class Gemma3nConfig:
             raise ConfigError("num_kv_shared_layers", f"leaves no earlier {missing.pop()} layer to share keys and values from")
 
     # --- derived ---------------------------------------------------------------------------
-    @property
-    def layer_kinds(self) -> tuple[str, ...]:
-        """'local' (sliding window) or 'global' for each layer."""
-        pattern = self.layer_pattern
-        return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
-
     def rope_for(self, kind: str) -> tuple[float, float]:
         """(base, linear scale) of the rotary embedding on a 'local' or 'global' layer."""
         return (self.rope_local_base if kind == "local" else self.rope_base), 1.0
@@ -142,15 +133,6 @@ class Gemma3nConfig:
         kind = self.layer_kinds[i]
         return max(j for j in range(first_shared) if self.layer_kinds[j] == kind)
 
-    def replace(self, **changes: Any) -> Gemma3nConfig:
-        return dataclasses.replace(self, **changes)
-
-    # --- presets -------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> Gemma3nConfig:
-        """A shipped preset from `configs/models/NAME.yaml`, e.g. ``gemma3n-e2b``."""
-        return cls(**{**yaml.safe_load(configs.model_preset_text(name)), **overrides})
-
     # --- Hugging Face config.json ----------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> Gemma3nConfig:
@@ -162,21 +144,21 @@ class Gemma3nConfig:
         if hf.get("model_type") == MULTIMODAL_MODEL_TYPE:
             hf = hf.get("text_config")
             if not isinstance(hf, dict):
-                raise ConfigError("text_config", f"must be an object, got {_short(hf)}")
+                raise ConfigError("text_config", f"must be an object, got {short(hf)}")
             hf = {"model_type": MODEL_TYPE, **hf}
         if hf.get("model_type") != MODEL_TYPE:
             raise ConfigError("model_type", f"is {hf.get('model_type')!r}; supported: {MODEL_TYPE}, {MULTIMODAL_MODEL_TYPE}")
-        act = _given(hf, "hidden_activation", _given(hf, "hidden_act", "gelu_pytorch_tanh"))
+        act = given(hf, "hidden_activation", given(hf, "hidden_act", "gelu_pytorch_tanh"))
         if act != "gelu_pytorch_tanh":
             raise ConfigError("hidden_activation", f"is {act!r}; Gemma 3n uses gelu_pytorch_tanh")
         if hf.get("attention_bias"):
             raise ConfigError("attention_bias", "is set; Gemma 3n has no attention biases")
         hf = {**_HF_DEFAULTS, **hf}  # missing keys only: an explicit null (no soft-cap) stays null
-        num_layers = _required(hf, "num_hidden_layers")
+        num_layers = required(hf, "num_hidden_layers")
         layer_types = hf.get("layer_types")
         if layer_types is None and isinstance(num_layers, int):  # transformers' default: every fifth layer global
             layer_types = ["full_attention" if (i + 1) % 5 == 0 else "sliding_attention" for i in range(num_layers)]
-        hidden, heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
+        hidden, heads = required(hf, "hidden_size"), required(hf, "num_attention_heads")
         divisible = all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (hidden, heads))
         sparsity = hf.get("activation_sparsity_pattern")
         if sparsity is None:
@@ -184,14 +166,14 @@ class Gemma3nConfig:
             sparsity = [_HF_SPARSITY] * sparse + [0.0] * ((num_layers if isinstance(num_layers, int) else 0) - sparse)
         try:
             return cls(
-                vocab_size=_required(hf, "vocab_size"),
+                vocab_size=required(hf, "vocab_size"),
                 embed_dim=hidden,
                 num_layers=num_layers,
                 num_heads=heads,
-                num_kv_heads=_given(hf, "num_key_value_heads", heads),
-                head_dim=_given(hf, "head_dim", hidden // heads if divisible else None),
-                mlp_dim=_listed(_required(hf, "intermediate_size")),
-                layer_pattern=_layer_pattern(layer_types, num_layers),
+                num_kv_heads=given(hf, "num_key_value_heads", heads),
+                head_dim=given(hf, "head_dim", hidden // heads if divisible else None),
+                mlp_dim=_listed(required(hf, "intermediate_size")),
+                layer_pattern=layer_pattern(layer_types, num_layers),
                 sliding_window=hf["sliding_window"],
                 final_logit_softcap=hf["final_logit_softcapping"],
                 max_position=hf["max_position_embeddings"],
@@ -207,9 +189,9 @@ class Gemma3nConfig:
                 num_kv_shared_layers=hf["num_kv_shared_layers"],
                 laurel_rank=hf["laurel_rank"],
                 activation_sparsity=_listed(sparsity),
-                pad_id=_given(hf, "pad_token_id", 0),
-                eos_id=_first(_given(hf, "eos_token_id", 1)),
-                bos_id=_given(hf, "bos_token_id", 2),
+                pad_id=given(hf, "pad_token_id", 0),
+                eos_id=first(given(hf, "eos_token_id", 1)),
+                bos_id=given(hf, "bos_token_id", 2),
             )
         except ConfigError as e:  # name the config.json key, not ours
             raise ConfigError(_HF_FIELD.get(e.field, e.field), e.problem) from None
@@ -251,28 +233,6 @@ class Gemma3nConfig:
         )
 
 
-def _check_field(config: Gemma3nConfig, name: str, kind: str) -> None:
-    value = getattr(config, name)
-    if value is None and kind.startswith("optional"):
-        return
-    if kind == "flag":
-        if not isinstance(value, bool):
-            raise ConfigError(name, f"must be true or false, got {value!r}")
-    elif kind.endswith("positive"):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0 < value < math.inf:
-            raise ConfigError(name, f"must be a positive finite number, got {value!r}")
-    else:  # counts, indices and token ids
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ConfigError(name, f"must be an integer, got {value!r}")
-        object.__setattr__(config, name, int(value))  # numpy integers from metadata become plain ints
-        if kind == "token id" and not 0 <= value < config.vocab_size:
-            raise ConfigError(name, f"must be a token id below vocab_size={config.vocab_size}, got {value!r}")
-        if kind == "index" and value < 0:
-            raise ConfigError(name, f"must be a non-negative integer, got {value!r}")
-        if kind.endswith("count") and value <= 0:
-            raise ConfigError(name, f"must be a positive integer, got {value!r}")
-
-
 def _check_count(name: str, value: Any) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ConfigError(name, f"must hold positive integers, got {value!r}")
@@ -289,7 +249,7 @@ def _per_layer(value: Any, num_layers: int, name: str, check) -> tuple:
     """One checked value per layer: a list/tuple of `num_layers` entries, or one value for all."""
     if isinstance(value, (list, tuple)):
         if len(value) != num_layers:
-            raise ConfigError(name, f"must list one entry per layer ({num_layers}), got {_short(value)}")
+            raise ConfigError(name, f"must list one entry per layer ({num_layers}), got {short(value)}")
         return tuple(check(name, v) for v in value)
     return (check(name, value),) * num_layers
 
@@ -301,12 +261,12 @@ def _listed(value: Any) -> Any:
 
 def _rope_theta(hf: dict[str, Any], layer_type: str, legacy_key: str, default: float) -> Any:
     """`rope_parameters[layer_type].rope_theta` (or the legacy top-level key); only default RoPE exists in Gemma 3n."""
-    rope = _given(hf, "rope_parameters", {})
+    rope = given(hf, "rope_parameters", {})
     if not isinstance(rope, dict):
-        raise ConfigError("rope_parameters", f"must be an object, got {_short(rope)}")
-    params = _given(rope, layer_type, {})
+        raise ConfigError("rope_parameters", f"must be an object, got {short(rope)}")
+    params = given(rope, layer_type, {})
     if not isinstance(params, dict):
-        raise ConfigError(f"rope_parameters.{layer_type}", f"must be an object, got {_short(params)}")
+        raise ConfigError(f"rope_parameters.{layer_type}", f"must be an object, got {short(params)}")
     if params.get("rope_type", "default") != "default":
         raise ConfigError(f"rope_parameters.{layer_type}", f"has unsupported rope_type {params.get('rope_type')!r}")
-    return _given(params, "rope_theta", _given(hf, legacy_key, default))
+    return given(params, "rope_theta", given(hf, legacy_key, default))

@@ -25,7 +25,6 @@ What differs from Gemma 1-3, all from `transformers`' `Gemma3nForCausalLM`:
 
 from __future__ import annotations
 
-import functools
 import math
 import statistics
 from typing import Any, NamedTuple
@@ -36,9 +35,9 @@ from flax import linen as nn
 
 from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
-from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rms_normalize, rope, soft_cap
+from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rematerialized, rms_normalize, rope, soft_cap
 from gemma_jax.models.gemma.model import (
-    _MASKED, ACT, CACHE_AXES, REMAT_POLICIES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache,
+    _MASKED, ACT, CACHE_AXES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache,
 )  # fmt: skip
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
 from gemma_jax.sharding import Layout, constrain
@@ -277,14 +276,6 @@ class Block(nn.Module):
         return self.kernels.constrain(corrected, STREAMS), cache, kv
 
 
-@functools.cache
-def _block_class(remat: str) -> type[Block]:
-    """Block, wrapped in `nn.remat` unless `remat` is "none" (`fresh_cache`, argument 6, is static)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {', '.join(REMAT_POLICIES)}")
-    return Block if remat == "none" else nn.remat(Block, static_argnums=(6,), policy=REMAT_POLICIES[remat])
-
-
 class Transformer(nn.Module):
     """Gemma 3n text decoder; the same constructor and call as the Gemma family's `Transformer`."""
 
@@ -321,7 +312,8 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             name, source = f"layer_{i}", cfg.kv_source(i)
             owns = source == i
-            streams, layer_cache, kv = _block_class(self.remat)(cfg, i, self.param_dtype, self.quant, self.kernels, name=name)(
+            block = rematerialized(Block, self.remat, 6)(cfg, i, self.param_dtype, self.quant, self.kernels, name=name)
+            streams, layer_cache, kv = block(
                 streams, per_layer[:, :, i], positions, segment_ids, cache[name] if cache is not None and owns else None,
                 fresh_cache, None if owns else shared_kv[source],
             )
