@@ -59,6 +59,7 @@ class Gemma:
         compute_dtype: Any = None,
         layout: Layout | None = None,
         quant: str | None = None,
+        kv_cache: str = "float",
     ):
         self.config = config
         self.params = params
@@ -66,7 +67,8 @@ class Gemma:
         float_dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
         # What every program of this model compiles for: `layout` is where params live (None: one
         # device), `quant` the activation mode of int8 params (see gemma_jax.quant).
-        self.runtime = Runtime.create(config, compute_dtype or default_compute_dtype(float_dtype), layout=layout, quant=quant)
+        compute_dtype = compute_dtype or default_compute_dtype(float_dtype)
+        self.runtime = Runtime.create(config, compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache)
 
     @property
     def layout(self) -> Layout | None:
@@ -226,6 +228,7 @@ def load(
     compute_dtype: Any = None,
     quant: str | None = None,
     verify: bool = True,
+    kv_cache: str = "float",
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
     one of our Orbax directories, any other format `gemma-jax convert` reads, or a name:
@@ -239,7 +242,9 @@ def load(
     Our Orbax checkpoints restore straight onto the devices' shards; a quantized one (written by
     `gemma-jax quantize`) keeps its stored int8 weights and float32 scales, whatever `dtype`.
     `verify` checks each tensor of our Orbax checkpoints against the checksums stored with it
-    (see `gemma_jax.checkpoint.manifest`); other formats carry none.
+    (see `gemma_jax.checkpoint.manifest`); other formats carry none. `kv_cache="int8"` keeps the
+    KV cache of generation (and of the engine behind `infer`/`serve`) in int8 with per-token-and-head
+    scales: half the cache bytes (see `gemma_jax.models.kv_cache`).
     """
     layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
     path, stored = checkpoint_path(path), None
@@ -260,7 +265,7 @@ def load(
         if layout is not None:
             params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
     quant = quant or stored  # an int8 tree runs as either scheme; by default as it was quantized
-    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant)
+    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:

@@ -90,6 +90,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     parser.add_argument("--quant", choices=["w8a8", "w8a16"], help="quantize the weights to int8 on load")
+    parser.add_argument("--kv-cache", default="float", choices=["float", "int8"],
+                        help="KV cache dtype: the compute dtype, or int8 with per-token-and-head scales (half the bytes)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's tensors against its checksums")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="compile every program afresh (default: reuse compiled programs from $GEMMA_JAX_CACHE/xla, "
@@ -110,7 +112,7 @@ def _load_model(args: argparse.Namespace):
         enable_compile_cache()
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
-    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify)
+    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify, kv_cache=args.kv_cache)
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -345,7 +347,7 @@ def _plan(args: argparse.Namespace) -> None:
         raise ValueError(f"--mesh {args.mesh!r}: give every axis an explicit positive size")
     sizes = parse_mesh_spec(args.mesh, math.prod(sizes.values()))
     quant = "w8a16" if args.quant == "int8" else args.quant
-    result = plan(preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant)
+    result = plan(preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant, kv_cache=args.kv_cache)
     print(format_plan(result))
 
 
@@ -447,6 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--seq", type=int, default=8192, help="tokens per sequence (prompt + generated)")
     pl.add_argument("--quant", choices=["int8", "w8a16", "w8a8"], help="int8 = w8a16 (weight-only)")
+    pl.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="KV cache dtype (int8: half the bytes)")
     pl.set_defaults(run=_plan)
     return parser
 

@@ -21,6 +21,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import AbstractMesh
 
 from gemma_jax.models import Config, family_of, init_params, param_axes
+from gemma_jax.runtime import KV_CACHES
 from gemma_jax.sharding import AXES, RULE_SETS, Layout
 
 GiB = 2**30
@@ -116,18 +117,17 @@ def _slots(config: Config, kind: str, n: int) -> int:
     return min(config.sliding_window, n) if kind == "local" else n
 
 
-def _cache_bytes(config: Config, layout: Layout, batch: int, seq: int, c: int, context: int | None = None) -> int:
-    """Per-device bytes of `init_cache(config, batch, seq)` (k, v at c bytes, pos int32), from the family's
+def _cache_bytes(config: Config, layout: Layout, batch: int, seq: int, dtype: np.dtype, context: int | None = None) -> int:
+    """Per-device bytes of `init_cache(config, batch, seq, dtype)` (int8: with its scales), from the family's
     own cache traced abstractly; with `context`, only the min(context, slots) slots per layer that a decode
     step there must read."""
     family = family_of(config)
-    cache = jax.eval_shape(lambda: family.init_cache(config, batch, seq if context is None else min(context, seq)))
-    total = 0
-    for layer in cache.values():
-        for kind, leaf in layer.items():
-            n = math.prod(local_shape(layout, family.cache_axes[kind], leaf.shape))
-            total += n * (4 if kind == "pos" else c)
-    return total
+    cache = jax.eval_shape(lambda: family.init_cache(config, batch, seq if context is None else min(context, seq), dtype))
+    return sum(
+        math.prod(local_shape(layout, family.cache_axes[kind], leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        for layer in cache.values()
+        for kind, leaf in layer.items()
+    )
 
 
 def prefill_peak(config: Config, layout: Layout, batch: int, T: int, c: int, splash: bool) -> tuple[int, float]:
@@ -165,20 +165,22 @@ def plan(
     quant: str | None = None,
     rules: str = "inference",
     decode_context: int | None = None,
+    kv_cache: str = "float",
 ) -> Plan:
     """Per-device memory and whole-slice roofline speeds for `batch` sequences of `seq` tokens.
 
     `mesh_sizes` sizes the (data, fsdp, tensor) axes; missing ones are 1. Activations and cache
     are in `param_dtype` (bf16 when quantised). A decode step reads every weight a device
     multiplies once, plus the KV cache at `decode_context` (default seq // 2: sequences spread
-    evenly over their lifetime); prefill runs batch x seq tokens in one pass.
+    evenly over their lifetime); prefill runs batch x seq tokens in one pass. `kv_cache="int8"` sizes
+    an int8 cache with its per-token-and-head scales.
     """
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be at least 1, got batch={batch}, seq={seq}")
     name = chip.lower().removeprefix("tpu").strip("-_ ")
-    if name not in CHIPS or quant not in QUANT or set(mesh_sizes) - set(AXES):
-        raise ValueError(f"need chip in {list(CHIPS)}, quant in {QUANT}, mesh axes in {AXES}; "
-                         f"got {chip!r}, {quant!r}, {dict(mesh_sizes)}")
+    if name not in CHIPS or quant not in QUANT or set(mesh_sizes) - set(AXES) or kv_cache not in KV_CACHES:
+        raise ValueError(f"need chip in {list(CHIPS)}, quant in {QUANT}, mesh axes in {AXES}, kv_cache in {KV_CACHES}; "
+                         f"got {chip!r}, {quant!r}, {dict(mesh_sizes)}, {kv_cache!r}")
     hw, sizes = CHIPS[name], {a: int(mesh_sizes.get(a, 1)) for a in AXES}
     layout = Layout(AbstractMesh(tuple(sizes.values()), AXES), RULE_SETS[rules])
     pdtype = np.dtype(jnp.dtype(param_dtype))
@@ -188,13 +190,14 @@ def plan(
 
     params, _ = device_param_bytes(config, layout, pdtype, quant)
     read, elements = device_param_bytes(config, layout, pdtype, quant, skip=GATHERED_AXES)  # weights as multiplied
-    cache = _cache_bytes(config, layout, batch, seq, c.itemsize)
+    kv = np.dtype(np.int8) if kv_cache == "int8" else c  # the KV cache's dtype
+    cache = _cache_bytes(config, layout, batch, seq, kv)
     splash = name != "h100" and seq % 128 == 0  # kernels/attention.py: the TPU default
     acts, prefill_attn = prefill_peak(config, layout, batch, seq, c.itemsize, splash)
     B, N = local_shape(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
 
     decode_attn = sum(4.0 * B * N * config.head_dim * _slots(config, k, context) for k in config.layer_kinds)
-    t_mem = (read + _cache_bytes(config, layout, batch, seq, c.itemsize, context)) / hw.bandwidth
+    t_mem = (read + _cache_bytes(config, layout, batch, seq, kv, context)) / hw.bandwidth
     t_flop = (2.0 * elements * B + decode_attn) / peak
     p_mem, p_flop = (read + cache) / hw.bandwidth, (2.0 * elements * B * seq + prefill_attn) / peak
     rows_fit = max(0, (hw.hbm - params - cache) * B // acts) * (batch // B)  # activations are linear in B

@@ -1,5 +1,5 @@
 """The one static key of every compiled program: model config, compute dtype, quantization scheme,
-and the `Kernels` value (int8 and attention backends, interpret mode, mesh layout).
+the `Kernels` value (int8 and attention backends, interpret mode, mesh layout) and the KV cache's dtype.
 
 Every `jax.jit` in gemma_jax takes a `Runtime` as its static argument and builds its module from
 it, so what a program computes is a function of its arguments alone: calling the same model with
@@ -19,6 +19,8 @@ from gemma_jax.kernels import Kernels
 from gemma_jax.models import Config, build, family_of
 from gemma_jax.sharding import Layout
 
+KV_CACHES = ("float", "int8")
+
 
 @dataclasses.dataclass(frozen=True)
 class Runtime:
@@ -26,15 +28,20 @@ class Runtime:
     dtype: str  # compute (activation and cache) dtype name
     quant: str | None = None  # "w8a8" / "w8a16" for int8 params (see gemma_jax.quant)
     kernels: Kernels = Kernels()
+    kv_cache: str = "float"  # "float" (the compute dtype) or "int8" (per token and head scales; models/kv_cache.py)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"unknown KV cache {self.kv_cache!r}; choose one of {', '.join(KV_CACHES)}")
 
     @classmethod
     def create(
         cls, config: Config, dtype: Any = jnp.float32, *, layout: Layout | None = None, quant: str | None = None,
-        int8: str | None = None, attention: str | None = None, interpret: bool | None = None,
+        kv_cache: str = "float", int8: str | None = None, attention: str | None = None, interpret: bool | None = None,
     ) -> Runtime:  # fmt: skip
         """A runtime with the platform's kernel defaults (see `Kernels.for_platform`), overridable here."""
         kernels = Kernels.for_platform(layout, int8=int8, attention=attention, interpret=interpret)
-        return cls(config, jnp.dtype(dtype).name, quant, kernels)
+        return cls(config, jnp.dtype(dtype).name, quant, kernels, kv_cache)
 
     @property
     def layout(self) -> Layout | None:
@@ -49,8 +56,9 @@ class Runtime:
         return build(self.config, dtype=self.compute_dtype, quant=self.quant, kernels=self.kernels, **fields)
 
     def init_cache(self, batch: int, max_len: int) -> dict:
-        """An empty KV cache in the compute dtype, laid out on the runtime's mesh."""
-        return family_of(self.config).init_cache(self.config, batch, max_len, self.compute_dtype, self.layout)
+        """An empty KV cache (compute dtype, or int8), laid out on the runtime's mesh."""
+        dtype = jnp.int8 if self.kv_cache == "int8" else self.compute_dtype
+        return family_of(self.config).init_cache(self.config, batch, max_len, dtype, self.layout)
 
     def constrain(self, x: jax.Array, axes) -> jax.Array:
         return self.kernels.constrain(x, axes)

@@ -10,7 +10,8 @@ import pytest
 
 import gemma_jax
 from gemma_jax.models.gemma import GemmaConfig
-from gemma_jax.models.gemma.model import CACHE_AXES, init_cache
+from gemma_jax.models.gemma.model import init_cache
+from gemma_jax.models.kv_cache import CACHE_AXES
 from gemma_jax.plan import CHIPS, format_plan, plan
 from gemma_jax.sharding import INFERENCE, Layout, make_mesh, parse_mesh_spec, tree_shardings
 

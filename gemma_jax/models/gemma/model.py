@@ -9,11 +9,8 @@ right-padded batches and packed documents are all the same code: a key is visibl
 query when it is valid (position >= 0), not in the future, in the same segment, and — on
 sliding-window layers — fewer than `sliding_window` positions back.
 
-The KV cache stores, per layer, keys [B K S H], values [B K H S] and the position of each slot
-(-1 = empty): each attention matmul then contracts the innermost dim of both operands, which XLA
-runs without relaying out the cache every step. Token p is written to slot p % S, so global
-layers (S = max length) fill linearly and sliding-window layers (S = window) are ring buffers
-that only ever hold `window` entries.
+The KV cache (layout, ring buffers for sliding-window layers, the int8 option) is
+`models/kv_cache.py`, shared with the other families.
 
 With `kernels.attention == "splash"` (the TPU default), whole-sequence attention (training,
 prefill into a fresh cache) runs Pallas' splash attention kernel instead of materialising
@@ -34,31 +31,23 @@ from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rematerialized, rope, soft_cap
 from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.models.heads import HEAD_KEY, Score
-from gemma_jax.sharding import Layout, constrain
+from gemma_jax.models.kv_cache import Cache, LayerCache, attended, layer_cache
+from gemma_jax.sharding import Layout
 
 Array = jax.Array
-LayerCache = dict[str, Array]  # {"k": [B K S H], "v": [B K H S], "pos": [B S] int32}
-Cache = dict[str, LayerCache]  # keyed by layer name, "layer_{i}"
 _MASKED = jnp.finfo(jnp.float32).min
 
 ACT = ("act_batch", "act_length", "act_embed")
-CACHE_AXES = {
-    "k": ("cache_batch", "cache_kv_heads", "cache_length", "head_dim"),
-    "v": ("cache_batch", "cache_kv_heads", "head_dim", "cache_length"),
-    "pos": ("cache_batch", "cache_length"),
-}
 
 
 def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens (laid out on `layout` when traced on a mesh)."""
-    cache = {}
-    for i, kind in enumerate(config.layer_kinds):
-        slots = min(config.sliding_window, max_len) if kind == "local" else max_len
-        K, H = config.num_kv_heads, config.head_dim
-        layer = {"k": jnp.zeros((batch, K, slots, H), dtype), "v": jnp.zeros((batch, K, H, slots), dtype),
-                 "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
-        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
-    return cache
+    """An empty cache for `batch` sequences of up to `max_len` tokens (int8 with scales for dtype int8; laid
+    out on `layout` when traced on a mesh): sliding-window layers hold at most `sliding_window` slots."""
+    K, H = config.num_kv_heads, config.head_dim
+    return {
+        f"layer_{i}": layer_cache(batch, min(config.sliding_window, max_len) if kind == "local" else max_len, K, H, dtype, layout)
+        for i, kind in enumerate(config.layer_kinds)
+    }
 
 
 def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:
@@ -68,30 +57,6 @@ def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment:
     if window is not None:
         mask &= q - k < window
     return mask if same_segment is None else mask & same_segment
-
-
-def write_cache(cache: LayerCache, k: Array, v: Array, k_pos: Array) -> LayerCache:
-    """Scatter new keys/values [B T K H] into slot pos % S; invalid tokens and those a ring would overwrite are dropped."""
-    slots = cache["pos"].shape[1]
-    newest = jnp.max(k_pos, axis=1, keepdims=True)  # B 1
-    keep = (k_pos >= 0) & (k_pos > newest - slots)
-    slot = jnp.where(keep, k_pos % slots, slots)  # B T; out of range -> dropped by mode="drop"
-    rows = jnp.arange(k_pos.shape[0])[:, None]
-    return {  # (rows, slot) index [B T] first, then the other dims in order: each update is [B T K H]
-        "k": cache["k"].at[rows, :, slot].set(k.astype(cache["k"].dtype), mode="drop"),
-        "v": cache["v"].at[rows, :, :, slot].set(v.astype(cache["v"].dtype), mode="drop"),
-        "pos": cache["pos"].at[rows, slot].set(k_pos, mode="drop"),
-    }
-
-
-def as_keys(k: Array) -> Array:
-    """[B T K H] -> the cache's key layout [B K T H]."""
-    return k.transpose(0, 2, 1, 3)
-
-
-def as_values(v: Array) -> Array:
-    """[B T K H] -> the cache's value layout [B K H T]."""
-    return v.transpose(0, 2, 3, 1)
 
 
 class Attention(nn.Module):
@@ -119,19 +84,7 @@ class Attention(nn.Module):
         k = rope(k, positions, base, scale)
         q = self.kernels.constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
-        k_pos = jnp.where(segment_ids > 0, positions, -1)
-        if cache is not None and q.shape[1] == 1:  # decode step: write first, then read only the cache
-            cache = write_cache(cache, k, v, k_pos)
-            keys, values, key_pos, same_segment = cache["k"], cache["v"], cache["pos"], None
-        elif cache is not None and not fresh_cache:  # chunk after earlier tokens: cache + chunk
-            keys = jnp.concatenate([cache["k"], as_keys(k).astype(cache["k"].dtype)], axis=2)
-            values = jnp.concatenate([cache["v"], as_values(v).astype(cache["v"].dtype)], axis=3)
-            key_pos, same_segment = jnp.concatenate([cache["pos"], k_pos], axis=1), None
-            cache = write_cache(cache, k, v, k_pos)
-        else:  # whole sequences (or the first chunk into an empty cache): attend within the chunk
-            keys, values, key_pos = as_keys(k), as_values(v), k_pos
-            same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-            cache = None if cache is None else write_cache(cache, k, v, k_pos)
+        keys, values, key_pos, same_segment, cache = attended(cache, k, v, positions, segment_ids, fresh_cache)
 
         window = cfg.sliding_window if self.kind == "local" else None
         B, T = q.shape[:2]

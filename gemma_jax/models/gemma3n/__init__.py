@@ -3,7 +3,8 @@
 
 from gemma_jax.models.family import Family
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
-from gemma_jax.models.gemma3n.model import CACHE_AXES, Transformer, init_cache
+from gemma_jax.models.gemma3n.model import Transformer, init_cache
+from gemma_jax.models.kv_cache import CACHE_AXES
 from gemma_jax.models.gemma3n.schema import HF_TEXT_PREFIX, SCHEMA, WHEN, dims, hf_unused
 
 FAMILY = Family("gemma3n", Gemma3nConfig, Transformer, init_cache, CACHE_AXES, SCHEMA, WHEN, dims,

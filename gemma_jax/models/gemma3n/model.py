@@ -36,30 +36,25 @@ from flax import linen as nn
 from gemma_jax.kernels import Kernels
 from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rematerialized, rms_normalize, rope, soft_cap
-from gemma_jax.models.gemma.model import (
-    _MASKED, ACT, CACHE_AXES, Cache, LayerCache, as_keys, as_values, attention_mask, write_cache,
-)  # fmt: skip
+from gemma_jax.models.gemma.model import _MASKED, ACT, attention_mask
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
-from gemma_jax.sharding import Layout, constrain
+from gemma_jax.models.kv_cache import Cache, LayerCache, attended, layer_cache
+from gemma_jax.sharding import Layout
 
 Array = jax.Array
 STREAMS = (None,) + ACT  # A B T D: the AltUp streams stay whole on every device
 
 
 def init_cache(config: Gemma3nConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None) -> Cache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens (on `layout` when traced on a mesh),
-    laid out as the Gemma family's (sliding-window layers are rings of `sliding_window` slots), for the
-    layers that compute their own keys and values only: KV-sharing layers read their source layer's entry."""
+    """An empty cache for `batch` sequences of up to `max_len` tokens (see models/kv_cache.py: int8 for
+    dtype int8; on `layout` when traced on a mesh), for the layers that compute their own keys and values
+    only: KV-sharing layers read their source layer's entry."""
     K, H = config.num_kv_heads, config.head_dim
-    cache = {}
-    for i, kind in enumerate(config.layer_kinds):
-        if config.kv_source(i) != i:
-            continue
-        slots = min(config.sliding_window, max_len) if kind == "local" else max_len
-        layer = {"k": jnp.zeros((batch, K, slots, H), dtype), "v": jnp.zeros((batch, K, H, slots), dtype),
-                 "pos": jnp.full((batch, slots), -1, jnp.int32)}  # fmt: skip
-        cache[f"layer_{i}"] = {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
-    return cache
+    return {
+        f"layer_{i}": layer_cache(batch, min(config.sliding_window, max_len) if kind == "local" else max_len, K, H, dtype, layout)
+        for i, kind in enumerate(config.layer_kinds)
+        if config.kv_source(i) == i
+    }
 
 
 class KV(NamedTuple):
@@ -76,21 +71,9 @@ class KV(NamedTuple):
 def gather_keys(
     cache: LayerCache | None, k: Array, v: Array, positions: Array, segment_ids: Array, fresh_cache: bool
 ) -> tuple[KV, LayerCache | None]:
-    """What a layer attends over given its new keys/values [B T K H], and its updated cache (as in
-    the Gemma family: a decode step reads only the cache; a chunk after earlier tokens reads cache +
-    chunk; whole sequences, or a first chunk into an empty cache, read the chunk)."""
-    k_pos = jnp.where(segment_ids > 0, positions, -1)
-    if cache is not None and k.shape[1] == 1:  # decode step: write first, then read only the cache
-        cache = write_cache(cache, k, v, k_pos)
-        return KV(k, v, cache["k"], cache["v"], cache["pos"], None), cache
-    if cache is not None and not fresh_cache:  # chunk after earlier tokens: cache + chunk
-        keys = jnp.concatenate([cache["k"], as_keys(k).astype(cache["k"].dtype)], axis=2)
-        values = jnp.concatenate([cache["v"], as_values(v).astype(cache["v"].dtype)], axis=3)
-        kv = KV(k, v, keys, values, jnp.concatenate([cache["pos"], k_pos], axis=1), None)
-        return kv, write_cache(cache, k, v, k_pos)
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    kv = KV(k, v, as_keys(k), as_values(v), k_pos, same_segment)
-    return kv, None if cache is None else write_cache(cache, k, v, k_pos)
+    """What a layer attends over given its new keys/values [B T K H] (see `kv_cache.attended`), and its updated cache."""
+    keys, values, key_pos, same_segment, cache = attended(cache, k, v, positions, segment_ids, fresh_cache)
+    return KV(k, v, keys, values, key_pos, same_segment), cache
 
 
 def attend(q: Array, kv: KV, positions: Array, segment_ids: Array, window: int | None, kernels: Kernels) -> Array:
