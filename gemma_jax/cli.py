@@ -90,12 +90,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dcn", help="multi-slice: mesh sizes across slices, e.g. 'data=2' (--mesh then sizes one slice)")
     parser.add_argument("--distributed", action="store_true", help="join a multi-host run (TPU pods; see launch/)")
     parser.add_argument("--quant", choices=["w8a8", "w8a16"], help="quantize the weights to int8 on load")
-    parser.add_argument("--kv-cache", default="float", choices=["float", "int8"],
-                        help="KV cache dtype: the compute dtype, or int8 with per-token-and-head scales (half the bytes)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the checkpoint's tensors against its checksums")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="compile every program afresh (default: reuse compiled programs from $GEMMA_JAX_CACHE/xla, "
                              "~/.cache/gemma_jax/xla)")  # fmt: skip
+
+
+def _add_kv_cache_arg(parser: argparse.ArgumentParser) -> None:
+    """For the commands that generate (a cache is only read while generating)."""
+    parser.add_argument("--kv-cache", default="float", choices=["float", "int8"],
+                        help="KV cache dtype: the compute dtype, or int8 with per-token-and-head scales (half the bytes)")
 
 
 def _load_model(args: argparse.Namespace):
@@ -112,7 +116,8 @@ def _load_model(args: argparse.Namespace):
         enable_compile_cache()
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
-    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify, kv_cache=args.kv_cache)
+    return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify,
+                kv_cache=getattr(args, "kv_cache", "float"))  # fmt: skip
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -360,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
     _add_model_args(gen)
+    _add_kv_cache_arg(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
     prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 file ('-': stdin)")
@@ -369,12 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = commands.add_parser("chat", help="interactive chat: keeps the conversation, streams each reply (needs an -it model)")
     _add_model_args(ch)
+    _add_kv_cache_arg(ch)
     ch.add_argument("--system", help="a system message, sent before the first user turn")
     _add_sampling_args(ch, max_new_tokens=512)
     ch.set_defaults(run=_chat)
 
     inf = commands.add_parser("infer", help="batched JSONL generation with continuous batching; restartable")
     _add_model_args(inf)
+    _add_kv_cache_arg(inf)
     inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     inf.add_argument("--batch-size", type=POSITIVE, default=8, help="decode slots")
@@ -395,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching")
     _add_model_args(srv)
+    _add_kv_cache_arg(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--batch-size", type=int, default=8, help="decode slots shared by all requests")

@@ -75,3 +75,12 @@ def test_int8_cache_through_the_api_and_plan():
     sizes = {kv: plan(GemmaConfig.from_preset("gemma2-9b"), {"tensor": 4}, chip="v5e", batch=16, seq=8192, kv_cache=kv)
              for kv in ("float", "int8")}  # fmt: skip
     assert 0.49 <= sizes["int8"].cache_bytes / sizes["float"].cache_bytes <= 0.52  # bf16 -> int8 + f32 scales per token/head
+
+
+def test_generate_command_with_an_int8_cache(text_checkpoint, capsys):
+    from gemma_jax.cli import main
+
+    main(["generate", "--ckpt", str(text_checkpoint[1]), "--kv-cache", "int8", "--prompt", "The licence", "--max-new-tokens", "4",
+          "--no-compile-cache"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "4 new tokens" in captured.err and "tokens/s" in captured.err

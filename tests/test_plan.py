@@ -49,7 +49,8 @@ def test_cache_bytes_match_allocated_cache(model_path, spec, batch):
     make = lambda: init_cache(config, batch, seq, jnp.float32)
     shapes = jax.eval_shape(make)
     layout = Layout(make_mesh(spec), INFERENCE)
-    cache = jax.jit(make, out_shardings=tree_shardings(layout, {k: CACHE_AXES for k in shapes}, shapes))()
+    axes = {k: {kind: CACHE_AXES[kind] for kind in layer} for k, layer in shapes.items()}
+    cache = jax.jit(make, out_shardings=tree_shardings(layout, axes, shapes))()
     got = plan(config, parse_mesh_spec(spec, 8), chip="v5e", batch=batch, seq=seq, param_dtype="float32")
     assert got.cache_bytes == _per_device(cache)
 
