@@ -6,8 +6,16 @@ batches are bucketed (powers of two in rows and prompt length) to bound recompil
 request samples from its own PRNG stream (its own key, or one derived from the seed and its
 id), so its output is the same whatever else shares the batch. Sampling settings are traced
 per-row arrays, so requests with different settings share one compiled step (with a
-`RowSampler`). The KV cache is one array per layer over all slots, sharded by the model's
-layout like every other activation.
+`RowSampler`).
+
+The KV cache is paged (models/kv_cache.py): per layer one pool of `page_size`-token pages shared by
+every slot, and a page table per slot. A request is admitted when a slot is free and the pool has
+pages for its prompt and its `max_new_tokens` (global layers: every block of it; sliding-window
+layers: at most their ring), and its pages return to the pool when it ends, so short and long
+requests share memory: `kv_tokens` (the global layers' pool, in tokens) is the memory budget and
+`slots` only the decode batch. Prompts are prefilled into a small dense cache and copied into their
+pages; decode steps read only the pages rows have filled. Page ids are handed out lowest first, so
+the same calls give the same tables on every process.
 
 `run` serves a fixed list of requests (batch jobs); a server drives `admit` / `step` /
 `release` itself, between steps, as requests arrive and leave. Every call is deterministic
@@ -22,10 +30,13 @@ import zlib
 from typing import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemma_jax.api import Gemma
-from gemma_jax.generate import DecodeState, _decode, _prefill, bucket, sampling_args
+from gemma_jax.generate import DecodeState, _decode, _pin, _prefill, bucket, sampling_args
+from gemma_jax.models.kv_cache import paged_cache, table_width, write_pages
+from gemma_jax.runtime import Runtime
 from gemma_jax.sampling import RowSampler, Sampler
 from gemma_jax.sharding import to_host
 
@@ -76,23 +87,40 @@ class Engine:
         seed: int = 0,
         stop_ids: tuple[int, ...] = (),
         chunk: int = 8,
+        page_size: int = 32,
+        kv_tokens: int | None = None,
     ):
         if max_len > model.config.max_position:
             raise ValueError(f"max_len {max_len} exceeds the model context {model.config.max_position}")
+        kv_tokens = slots * max_len if kv_tokens is None else kv_tokens
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        if kv_tokens < max_len:
+            raise ValueError(f"kv_tokens ({kv_tokens}) must hold at least one sequence of max_len ({max_len}) tokens")
         self.model, self.sampler, self.seed, self.chunk = model, sampler, seed, chunk
         self.slots = slots if model.layout is None else model.batch_rows(slots)
-        self.max_len = max_len
+        self.max_len, self.page_size = max_len, page_size
         self.defaults = dict(temperature=temperature, top_p=top_p)
         self.stop_ids = sampling_args(temperature, top_p, stop_ids)["stop_ids"]
         self.static = dict(runtime=model.runtime, sampler=sampler)
+        dense = jax.eval_shape(lambda: model.runtime.init_cache(1, max_len))
+        self.widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
+        blocks = -(-max_len // page_size)
+        # Page 0 is the null page. Global tables (every block) draw on the budget; rings at most one per slot.
+        self.capacity = {w: 1 + (-(-kv_tokens // page_size) if w == blocks else self.slots * w) for w in set(self.widths.values())}
+        self._dense = dense
         self.reset()
 
     def reset(self) -> None:
-        """Empty every slot (also the way back to a usable state after a failed step)."""
+        """Empty every slot and return every page (also the way back to a usable state after a failed step)."""
         self.active: list[Request | None] = [None] * self.slots
         self.limits = np.zeros(self.slots, np.int32)
         self.settings = self._settings([], self.slots)
-        self.state = self._prefill([])  # every slot empty (done)
+        self.free_pages = {w: list(range(1, n)) for w, n in self.capacity.items()}  # lowest first
+        self.tables = {w: np.zeros((self.slots, w), np.int32) for w in self.capacity}
+        capacity = tuple(sorted((name, self.capacity[w]) for name, w in self.widths.items()))
+        self.state = _empty_state(self.slots, self.max_len, self.page_size, capacity, runtime=self.model.runtime)
+        self._push_tables()
 
     @property
     def running(self) -> int:
@@ -101,18 +129,40 @@ class Engine:
     def free_slots(self) -> list[int]:
         return [i for i, r in enumerate(self.active) if r is None]
 
+    def pages_needed(self, request: Request) -> dict[int, int]:
+        """Pages `request` holds per table width: its prompt and completion's blocks, at most a ring's."""
+        tokens = len(request.prompt) + request.max_new_tokens
+        if tokens > self.max_len:
+            raise ValueError(f"request {request.id!r} needs {tokens} cache slots, more than max_len={self.max_len}")
+        return {w: min(w, -(-tokens // self.page_size)) for w in self.capacity}
+
+    def fit(self, requests: list[Request], releasing: Iterable[int] = ()) -> int:
+        """How many of `requests`, in order, can be admitted now (after `releasing` slots are freed)."""
+        releasing = set(releasing)
+        slots = len(self.free_slots()) + len(releasing)
+        free = {w: len(pages) + sum(int(np.count_nonzero(self.tables[w][s])) for s in releasing) for w, pages in self.free_pages.items()}
+        for n, request in enumerate(requests):
+            need = self.pages_needed(request)
+            if n == slots or any(need[w] > free[w] for w in free):
+                return n
+            free = {w: free[w] - need[w] for w in free}
+        return len(requests)
+
     def admit(self, requests: list[Request]) -> list[int]:
-        """Prefill `requests` into the lowest free slots (at most as many as are free); returns their slots."""
-        free = self.free_slots()
-        if len(requests) > len(free):
-            raise ValueError(f"{len(requests)} requests for {len(free)} free slots")
+        """Prefill `requests` into the lowest free slots, with their pages; returns their slots."""
+        if self.fit(requests) < len(requests):
+            raise ValueError(f"{len(requests)} requests do not fit {len(self.free_slots())} free slots and the free pages")
         if not requests:
             return []
-        slots = free[: len(requests)]
+        slots = self.free_slots()[: len(requests)]
+        for slot, request in zip(slots, requests):
+            for w, n in self.pages_needed(request).items():
+                self.tables[w][slot, :n], self.free_pages[w] = self.free_pages[w][:n], self.free_pages[w][n:]
+        self._push_tables()
         new = self._prefill(requests)
         targets = np.full(bucket(len(requests), 1), self.slots, np.int32)  # padding rows: dropped
         targets[: len(requests)] = slots
-        self.state = _insert(self.state, new, targets)
+        self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
         for slot, request in zip(slots, requests):
             self.active[slot], self.limits[slot] = request, request.max_new_tokens
         fresh = self._settings(requests, len(requests))
@@ -121,8 +171,17 @@ class Engine:
         return slots
 
     def release(self, slot: int) -> None:
-        """Free a slot now (the request was cancelled or stopped by the host): it stops decoding at the next step."""
+        """Free a slot and its pages now (the request ended, was cancelled or stopped by the host)."""
         self.active[slot], self.limits[slot] = None, 0
+        for w, table in self.tables.items():
+            self.free_pages[w] = sorted(self.free_pages[w] + [int(p) for p in table[slot] if p])
+            table[slot] = 0
+        self._push_tables()
+
+    def _push_tables(self) -> None:
+        """Hand the host's page tables to the cache (a few small arrays; the pools are untouched)."""
+        cache = {name: layer | {"pages": self.tables[self.widths[name]]} for name, layer in self.state.cache.items()}
+        self.state = _pin_state(self.state._replace(cache=cache), runtime=self.model.runtime)
 
     def step(self) -> list[Output]:
         """Decode up to `chunk` tokens for every active slot; finished requests leave their slots."""
@@ -142,10 +201,13 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Serve `requests` in order of arrival; yields each one as it finishes."""
-        queue = iter(requests)
+        queue, waiting = iter(requests), []
         emitted: dict[str, list[int]] = {}
         while True:
-            self.admit(_take(queue, len(self.free_slots())))
+            waiting.extend(_take(queue, max(0, len(self.free_slots()) - len(waiting))))
+            admitted = self.fit(waiting)
+            self.admit(waiting[:admitted])
+            del waiting[:admitted]
             if not self.running:
                 return
             for out in self.step():
@@ -166,12 +228,9 @@ class Engine:
         )
 
     def _prefill(self, requests: list[Request]) -> DecodeState:
-        """Prefill `requests` as one bucketed batch (or, with none, a batch of empty slots)."""
-        rows = bucket(len(requests), 1) if requests else self.slots
-        for r in requests:
-            if len(r.prompt) + r.max_new_tokens > self.max_len:
-                raise ValueError(f"request {r.id!r} needs {len(r.prompt) + r.max_new_tokens} cache slots, more than max_len={self.max_len}")
-        length = min(bucket(max((len(r.prompt) for r in requests), default=1)), self.max_len)
+        """Prefill `requests` as one bucketed batch into a dense cache of their length."""
+        rows = bucket(len(requests), 1)
+        length = min(bucket(max(len(r.prompt) for r in requests)), self.max_len)
         tokens = np.zeros((rows, length), np.int32)
         lengths, limits = np.ones(rows, np.int32), np.zeros(rows, np.int32)
         keys = np.zeros((rows, 2), np.uint32)
@@ -179,7 +238,7 @@ class Engine:
             tokens[i, : len(r.prompt)], lengths[i], limits[i] = r.prompt, len(r.prompt), r.max_new_tokens
             keys[i] = request_key(self.seed, r.id) if r.key is None else r.key
         sampling = {**self._settings(requests, rows), "stop_ids": self.stop_ids}
-        return _prefill(self.model.params, tokens, lengths, keys, limits, sampling, cache_len=self.max_len, **self.static)
+        return _prefill(self.model.params, tokens, lengths, keys, limits, sampling, cache_len=length, **self.static)
 
 
 def _take(queue: Iterator[Request], n: int) -> list[Request]:
@@ -193,7 +252,37 @@ def _take(queue: Iterator[Request], n: int) -> list[Request]:
     return out
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
-def _insert(state: DecodeState, new: DecodeState, slots: jax.Array) -> DecodeState:
-    """Scatter row i of `new` into row slots[i] of `state` (out-of-range slots are dropped)."""
-    return jax.tree.map(lambda old, fresh: old.at[slots].set(fresh, mode="drop"), state, new)
+@functools.partial(jax.jit, static_argnames=("slots", "max_len", "page_size", "capacity", "runtime"))
+def _empty_state(slots: int, max_len: int, page_size: int, capacity: tuple, runtime: Runtime) -> DecodeState:
+    """Every slot empty (done), over a paged cache whose layer `name` has a pool of `dict(capacity)[name]` pages."""
+    dense = jax.eval_shape(lambda: runtime.init_cache(1, max_len))
+    widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
+    pages = {widths[name]: n for name, n in capacity}
+    cache = paged_cache(dense, max_len, page_size, pages, slots, runtime.layout)
+    zeros = jnp.zeros(slots, jnp.int32)
+    return _pin(runtime, DecodeState(cache, zeros, zeros, zeros, jnp.ones(slots, bool), jnp.zeros(slots, bool),
+                                     jnp.zeros((slots, 2), jnp.uint32)))  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("runtime",), donate_argnames=("state",))
+def _pin_state(state: DecodeState, runtime: Runtime) -> DecodeState:
+    return _pin(runtime, state)
+
+
+@functools.partial(jax.jit, static_argnames=("runtime",), donate_argnames=("state",))
+def _insert(state: DecodeState, new: DecodeState, slots: jax.Array, runtime: Runtime) -> DecodeState:
+    """Row i of `new` becomes row slots[i] of `state` (out-of-range slots are dropped): its dense prefill
+    cache is copied into the pages the row's tables already name."""
+    rows = lambda old, fresh: old.at[slots].set(fresh, mode="drop")
+    fields = jax.tree.map(rows, state._replace(cache=None), new._replace(cache=None))
+    cache = {}
+    for name, layer in state.cache.items():
+        dense = new.cache[name]
+        table = layer["pages"].at[slots].get(mode="fill", fill_value=0)  # padding rows: the null page
+        kv = jnp.stack([dense["k"].swapaxes(1, 2), dense["v"].transpose(0, 3, 1, 2)], axis=3)  # b S K 2 H
+        kv = kv.reshape(*kv.shape[:2], -1, kv.shape[-1])  # b S 2K H, heads interleaved
+        scale = None
+        if "k_scale" in dense:
+            scale = jnp.stack([dense["k_scale"], dense["v_scale"]], axis=-1).swapaxes(1, 2).reshape(*kv.shape[:3])
+        cache[name] = write_pages(layer, table, kv, scale, dense["pos"])
+    return _pin(runtime, fields._replace(cache=cache))

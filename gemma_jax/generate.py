@@ -181,7 +181,8 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, runtime:
         ones = jnp.ones_like(state.token)[:, None]
         logits, cache = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache, jnp.zeros_like(state.token))
         token = _sample(runtime, sampler, logits, state.keys, state.count, sampling)
-        return state._replace(cache=cache, token=token, position=state.position + 1)
+        # Finished rows stay where they are (rewriting their last entry), so what a step reads follows the live rows.
+        return state._replace(cache=cache, token=token, position=state.position + ~state.done)
 
     def body(carry):
         i, state, out = carry

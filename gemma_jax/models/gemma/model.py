@@ -9,13 +9,11 @@ right-padded batches and packed documents are all the same code: a key is visibl
 query when it is valid (position >= 0), not in the future, in the same segment, and — on
 sliding-window layers — fewer than `sliding_window` positions back.
 
-The KV cache (layout, ring buffers for sliding-window layers, the int8 option) is
-`models/kv_cache.py`, shared with the other families.
-
-With `kernels.attention == "splash"` (the TPU default), whole-sequence attention (training,
-prefill into a fresh cache) runs Pallas' splash attention kernel instead of materialising
-[B N T S] logits (see kernels/attention.py). Every module takes the `Kernels` value of the
-program being traced (backends and mesh layout), so nothing here reads global state.
+The KV cache (layout, ring buffers for sliding-window layers, pages, the int8 option) is
+`models/kv_cache.py` and the softmax over it `models/attention.py` (splash attention for whole
+sequences on TPU, decode steps reading only filled blocks), both shared with the other families.
+Every module takes the `Kernels` value of the program being traced (backends and mesh layout), so
+nothing here reads global state.
 """
 
 from __future__ import annotations
@@ -27,15 +25,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_jax.kernels import Kernels
-from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rematerialized, rope, soft_cap
+from gemma_jax.models.attention import attend
 from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.models.heads import HEAD_KEY, Score
 from gemma_jax.models.kv_cache import Cache, LayerCache, attended, layer_cache
 from gemma_jax.sharding import Layout
 
 Array = jax.Array
-_MASKED = jnp.finfo(jnp.float32).min
 
 ACT = ("act_batch", "act_length", "act_embed")
 
@@ -48,15 +45,6 @@ def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.f
         f"layer_{i}": layer_cache(batch, min(config.sliding_window, max_len) if kind == "local" else max_len, K, H, dtype, layout)
         for i, kind in enumerate(config.layer_kinds)
     }
-
-
-def attention_mask(q_pos: Array, k_pos: Array, window: int | None, same_segment: Array | None) -> Array:
-    """[B T S] bool: which keys each query may attend to. Positions < 0 mark invalid keys."""
-    q, k = q_pos[:, :, None], k_pos[:, None, :]
-    mask = (k >= 0) & (k <= q)
-    if window is not None:
-        mask &= q - k < window
-    return mask if same_segment is None else mask & same_segment
 
 
 class Attention(nn.Module):
@@ -84,23 +72,12 @@ class Attention(nn.Module):
         k = rope(k, positions, base, scale)
         q = self.kernels.constrain(q, ("act_batch", "act_length", "act_heads", "head_dim"))
 
-        keys, values, key_pos, same_segment, cache = attended(cache, k, v, positions, segment_ids, fresh_cache)
-
+        att = attended(cache, k, v, positions, segment_ids, fresh_cache)
         window = cfg.sliding_window if self.kind == "local" else None
-        B, T = q.shape[:2]
-        q = q.reshape(B, T, K, N // K, H)
-        if same_segment is not None and splash_applies(T, self.kernels):  # whole sequences: Pallas, no [T S] logits
-            out = splash_attention(q, k, v, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap, kernels=self.kernels)
-        else:
-            mask = attention_mask(positions, key_pos, window, same_segment)  # B T S
-            logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-            self.sow("intermediates", "max_abs_attn_logit", jnp.max(jnp.abs(logits)))  # pre-cap, for tests
-            logits = soft_cap(logits, cfg.attn_logit_softcap)
-            logits = jnp.where(mask[:, None, None], logits, _MASKED)
-            probs = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
-            out = jnp.einsum("BKGTS,BKHS->BTKGH", probs, values.astype(x.dtype))
-        out = out.reshape(B, T, N, H)
-        return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), cache
+        record = lambda x: self.sow("intermediates", "max_abs_attn_logit", x)  # pre-cap, for tests
+        out = attend(q, att, positions, segment_ids, window=window, soft_cap=cfg.attn_logit_softcap, kernels=self.kernels,
+                     record=record)  # fmt: skip
+        return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), att.cache
 
 
 class MLP(nn.Module):

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
 from gemma_jax.kernels import Kernels
-from gemma_jax.kernels.attention import splash_applies, splash_attention
 from gemma_jax.layers import Einsum, Embedder, PlainRMSNorm, rematerialized, rms_normalize, rope, soft_cap
-from gemma_jax.models.gemma.model import _MASKED, ACT, attention_mask
+from gemma_jax.models.attention import attend
+from gemma_jax.models.gemma.model import ACT
 from gemma_jax.models.gemma3n.config import Gemma3nConfig
-from gemma_jax.models.kv_cache import Cache, LayerCache, attended, layer_cache
+from gemma_jax.models.kv_cache import Attended, Cache, LayerCache, attended, layer_cache
 from gemma_jax.sharding import Layout
 
 Array = jax.Array
@@ -55,41 +55,6 @@ def init_cache(config: Gemma3nConfig, batch: int, max_len: int, dtype: Any = jnp
         for i, kind in enumerate(config.layer_kinds)
         if config.kv_source(i) == i
     }
-
-
-class KV(NamedTuple):
-    """The keys and values one attention layer attends over; KV-sharing layers reuse their source's."""
-
-    k: Array  # B T K H: this chunk's keys (what the splash kernel reads)
-    v: Array  # B T K H
-    keys: Array  # B K S H: every key attended over (chunk, cache + chunk, or cache)
-    values: Array  # B K H S
-    key_pos: Array  # B S: position of each key, -1 = empty or padding
-    same_segment: Array | None  # B T S for whole sequences; None when reading a cache (positions suffice)
-
-
-def gather_keys(
-    cache: LayerCache | None, k: Array, v: Array, positions: Array, segment_ids: Array, fresh_cache: bool
-) -> tuple[KV, LayerCache | None]:
-    """What a layer attends over given its new keys/values [B T K H] (see `kv_cache.attended`), and its updated cache."""
-    keys, values, key_pos, same_segment, cache = attended(cache, k, v, positions, segment_ids, fresh_cache)
-    return KV(k, v, keys, values, key_pos, same_segment), cache
-
-
-def attend(q: Array, kv: KV, positions: Array, segment_ids: Array, window: int | None, kernels: Kernels) -> Array:
-    """Unscaled, uncapped softmax attention of queries [B T N H] over `kv`: [B T N H]."""
-    B, T, N, H = q.shape
-    K = kv.k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    if kv.same_segment is not None and splash_applies(T, kernels):  # whole sequences: Pallas, no [T S] logits
-        out = splash_attention(q, kv.k, kv.v, segment_ids, window=window, soft_cap=None, kernels=kernels)
-    else:
-        mask = attention_mask(positions, kv.key_pos, window, kv.same_segment)  # B T S
-        logits = jnp.einsum("BTKGH,BKSH->BKGTS", q, kv.keys.astype(q.dtype), preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None], logits, _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-        out = jnp.einsum("BKGTS,BKHS->BTKGH", probs, kv.values.astype(q.dtype))
-    return out.reshape(B, T, N, H)
 
 
 def gaussian_top_k(x: Array, sparsity: float) -> Array:
@@ -118,9 +83,9 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None, fresh_cache: bool, shared: KV | None
-    ) -> tuple[Array, LayerCache | None, KV]:
-        """`shared`: the source layer's KV on a KV-sharing layer (None on a layer with its own)."""
+        self, x: Array, positions: Array, segment_ids: Array, cache: LayerCache | None, fresh_cache: bool, shared: Attended | None
+    ) -> tuple[Array, LayerCache | None, Attended]:
+        """`shared`: what the source layer attended over, on a KV-sharing layer (None on a layer with its own)."""
         cfg = self.config
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         kind = cfg.layer_kinds[self.layer]
@@ -134,9 +99,11 @@ class Attention(nn.Module):
             v = proj("v", (K, H, D), ("kv_heads", "head_dim", "embed"))("BTD,KHD->BTKH", x)
             k = rope(norm("k_norm")(k), positions, base)
             v = rms_normalize(v, cfg.rms_norm_eps).astype(v.dtype)  # no scale
-            shared, cache = gather_keys(cache, k, v, positions, segment_ids, fresh_cache)
-        out = attend(q, shared, positions, segment_ids, cfg.sliding_window if kind == "local" else None, self.kernels)
-        return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), cache, shared
+            shared = attended(cache, k, v, positions, segment_ids, fresh_cache)
+        # Unscaled (the q/k norms take that role) and uncapped.
+        window = cfg.sliding_window if kind == "local" else None
+        out = attend(q, shared, positions, segment_ids, window=window, soft_cap=None, kernels=self.kernels)
+        return proj("o", (D, N, H), ("embed", "q_heads", "head_dim"))("BTNH,DNH->BTD", out), shared.cache, shared
 
 
 class MLP(nn.Module):

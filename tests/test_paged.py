@@ -1,0 +1,165 @@
+"""The paged KV cache and decode reading only filled blocks: same tokens as the dense cache, pages shared by
+short and long requests, the Pallas ragged paged attention kernel equal to the XLA path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_jax.api import Gemma
+from gemma_jax.engine import Engine, Request
+from gemma_jax.generate import generate
+from gemma_jax.kernels import Kernels
+from gemma_jax.models import build, init_cache, init_params
+from gemma_jax.models.attention import attention_mask, decode_attention
+from gemma_jax.models.kv_cache import layer_cache, paged_cache, table_width, write_cache
+from gemma_jax.sampling import Sampler
+
+from test_kv_cache import GEMMA, GEMMA3N
+
+GREEDY = Sampler.create(0.0, None, None)
+
+
+def _model(config, kv_cache="float"):
+    return Gemma(config, init_params(config, jax.random.PRNGKey(1)), compute_dtype="float32", kv_cache=kv_cache)
+
+
+def _prompts(config, lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(3, config.vocab_size, n).tolist() for n in lengths]
+
+
+def _dense_attention(q, k, v, k_pos, position, window, soft_cap):
+    """The plain softmax a decode step must equal: q [B K G H], k/v [B S K H], key positions [B S]."""
+    logits = jnp.einsum("BKGH,BSKH->BKGS", q, k)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    mask = attention_mask(position[:, None], k_pos, window, None)[:, 0]
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("BKGS,BSKH->BKGH", probs, v)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_decode_attention_over_filled_blocks_equals_the_dense_softmax(window, paged, monkeypatch):
+    """Rows at different positions (one far past the window, one short), blocks of 8 keys: the online
+    softmax over filled blocks equals the softmax over every key, capped logits included."""
+    monkeypatch.setattr("gemma_jax.models.kv_cache.DECODE_BLOCK", 8)
+    B, K, G, H, max_len, page = 3, 2, 2, 16, 64, 4
+    position = jnp.array([40, 3, 21])
+    rng = np.random.RandomState(0)
+    k, v = (jnp.asarray(rng.randn(B, max_len, K, H).astype(np.float32) * 3) for _ in range(2))
+    q = jnp.asarray(rng.randn(B, K, G, H).astype(np.float32) * 3)
+    k_pos = jnp.where(jnp.arange(max_len) <= position[:, None], jnp.arange(max_len), -1)  # B S: what is written
+    slots = max_len if window is None else window
+    cache = layer_cache(B, slots, K, H, jnp.float32, None)
+    if paged:
+        W = table_width(slots, max_len, page)
+        dense = {"layer_0": cache}
+        cache = paged_cache(dense, max_len, page, {W: 1 + B * W}, B, None)["layer_0"]
+        cache["pages"] = jnp.asarray(1 + np.random.RandomState(1).permutation(B * W).reshape(B, W))  # any pages
+    cache = write_cache(cache, k, v, k_pos)
+    got = decode_attention(q, cache, position, window, 20.0, Kernels())
+    want = _dense_attention(q, k, v, k_pos, position, window, 20.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _paged_layer(window, B=2, K=2, H=128, max_len=96, page=8, position=(70, 9)):
+    """A paged layer cache holding positions 0..position[b] of random keys/values, and queries [B K 2 H]."""
+    rng = np.random.RandomState(0)
+    k, v = (jnp.asarray(rng.randn(B, max_len, K, H).astype(np.float32)) for _ in range(2))
+    q = jnp.asarray(rng.randn(B, K, 2, H).astype(np.float32))
+    position = jnp.array(position)
+    k_pos = jnp.where(jnp.arange(max_len) <= position[:, None], jnp.arange(max_len), -1)
+    slots = max_len if window is None else window
+    W = table_width(slots, max_len, page)
+    cache = paged_cache({"l": layer_cache(B, slots, K, H, jnp.float32, None)}, max_len, page, {W: 1 + B * W}, B, None)["l"]
+    cache["pages"] = jnp.asarray(1 + np.arange(B * W)[::-1].reshape(B, W))
+    return q, write_cache(cache, k, v, k_pos), position
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_ragged_paged_attention_kernel_inputs_give_the_xla_result(window, monkeypatch):
+    """What we hand Pallas' ragged paged attention (ring tables rotated to the oldest visible key, lengths
+    counted from there, soft-cap, window), run through the kernel's own reference implementation, equals
+    the XLA path. (Neither Pallas interpreter of jax 0.10 runs the kernel; the next test lowers it for TPU.)"""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel
+
+    reference = lambda *args, num_kv_pages_per_block=None, num_queries_per_block=None, **kw: kernel.ref_ragged_paged_attention(*args, **kw)
+    monkeypatch.setattr("gemma_jax.kernels.paged_attention.ragged_paged_attention", reference)
+    q, cache, position = _paged_layer(window)
+    xla = decode_attention(q, cache, position, window, 30.0, Kernels())
+    pallas = decode_attention(q, cache, position, window, 30.0, Kernels(attention="splash"))
+    np.testing.assert_allclose(pallas, xla, rtol=2e-5, atol=2e-5)
+
+
+def test_ragged_paged_attention_kernel_lowers_for_tpu():
+    """The decode step with the kernel lowers to a Mosaic call for a TPU v5e (the kernel's lowering asks for the
+    chip, which an abstract mesh names here; jax keeps AbstractDevice private)."""
+    from jax._src.mesh import AbstractDevice
+
+    q, cache, position = _paged_layer(24)
+    step = jax.jit(lambda q, cache, position: decode_attention(q, cache, position, 24, 30.0, Kernels(attention="splash")))
+    chip = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("TPU v5 lite", 1, "tpu"))
+    with jax.sharding.use_abstract_mesh(chip):
+        exported = jax.export.export(step, platforms=("tpu",))(q, cache, position)
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("config", [GEMMA, GEMMA3N], ids=["gemma2", "gemma3n"])
+@pytest.mark.parametrize("kv_cache", ["float", "int8"])
+def test_engine_on_pages_emits_what_generate_emits(config, kv_cache):
+    """Greedy tokens of every request through the paged engine (3 slots, pages of 4, rings on the sliding-window
+    layers, prompts longer than the window) equal per-prompt `generate` on the dense cache."""
+    model = _model(config, kv_cache)
+    prompts = _prompts(config, [3, 13, 7, 1, 17, 9])
+    engine = Engine(model, slots=3, max_len=32, sampler=GREEDY, page_size=4)
+    finished = {f.id: f.tokens for f in engine.run([Request(f"r{i}", p, 10) for i, p in enumerate(prompts)])}
+    for i, prompt in enumerate(prompts):
+        want = generate(model.config, model.params, [prompt], max_new_tokens=10, sampler=GREEDY,
+                        runtime=model.runtime).tokens[0]  # fmt: skip
+        assert finished[f"r{i}"] == want, i
+    assert all(len(pages) == n - 1 for pages, n in zip(engine.free_pages.values(), engine.capacity.values()))  # all back
+
+
+def test_admission_is_by_free_pages_and_pages_return_when_requests_end():
+    """A budget of 64 tokens in pages of 8: two short requests run beside each other, a long one waits until
+    they are done; the dense per-slot cache would hold one 64-token slot."""
+    model = _model(GEMMA)
+    engine = Engine(model, slots=4, max_len=64, sampler=GREEDY, page_size=8, kv_tokens=64)
+    short = [Request(f"s{i}", p, 8) for i, p in enumerate(_prompts(GEMMA, [10, 12, 9]))]  # 3 pages each
+    long = Request("long", _prompts(GEMMA, [40])[0], 16)  # 7 pages
+    assert engine.fit(short + [long]) == 2  # 8 pages in all: the third short one no longer fits
+    engine.admit(short[:2])
+    assert engine.running == 2 and engine.fit([long]) == 0 and engine.fit([long], releasing=[0, 1]) == 1
+    seen = set()
+    for _ in engine.run([short[2], long]):
+        seen.add(engine.running)
+    with pytest.raises(ValueError, match="max_len"):
+        engine.fit([Request("huge", [5] * 60, 8)])
+    with pytest.raises(ValueError, match="kv_tokens"):
+        Engine(model, slots=2, max_len=64, sampler=GREEDY, kv_tokens=32)
+
+
+def test_decode_reads_only_the_blocks_rows_filled(monkeypatch):
+    """The decode step's loop runs over filled blocks only: a cache 16 times larger costs no more blocks."""
+    monkeypatch.setattr("gemma_jax.models.kv_cache.DECODE_BLOCK", 8)
+    counts = []
+    real = jax.lax.fori_loop
+
+    def counting(lo, hi, body, init):
+        counts.append(hi)
+        return real(lo, hi, body, init)
+
+    monkeypatch.setattr("gemma_jax.models.attention.jax.lax.fori_loop", counting)
+    model = build(GEMMA)
+    params = init_params(GEMMA, jax.random.PRNGKey(0))
+    for max_len in (32, 512):
+        cache = init_cache(GEMMA, 1, max_len)
+        tokens = jnp.ones((1, 12), jnp.int32)
+        _, cache = model.apply({"params": params}, tokens, jnp.arange(12)[None], tokens, cache, fresh_cache=True)
+        counts.clear()
+        model.apply({"params": params}, tokens[:, :1], jnp.array([[12]]), tokens[:, :1], cache)
+        assert [int(c) for c in counts] == [1, 2, 1]  # local (6-slot ring), global (13 of max_len), local
