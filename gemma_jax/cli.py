@@ -102,6 +102,15 @@ def _add_kv_cache_arg(parser: argparse.ArgumentParser) -> None:
                         help="KV cache dtype: the compute dtype, or int8 with per-token-and-head scales (half the bytes)")
 
 
+def _add_paging_args(parser: argparse.ArgumentParser) -> None:
+    """For the commands that run the engine (infer, serve): the paged KV cache's budget and page size."""
+    parser.add_argument("--kv-tokens", type=POSITIVE,
+                        help="paged KV cache: tokens per global layer shared by all rows through pages (default: one "
+                             "full-length sequence per row, the memory of a dense cache); with more rows than it holds at "
+                             "full length, short requests run side by side")  # fmt: skip
+    parser.add_argument("--page-size", type=POSITIVE, default=32, help="tokens per KV cache page")
+
+
 def _load_model(args: argparse.Namespace):
     """Join the process group if asked, build the mesh, load the checkpoint onto it."""
     import jax
@@ -259,7 +268,7 @@ def _infer(args: argparse.Namespace) -> None:
     summary = run_job(
         model, Path(args.input), Path(args.output), slots=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, strict=args.strict, write=leader,
-        on_start=on_start, on_result=on_result,
+        on_start=on_start, on_result=on_result, page_size=args.page_size, kv_tokens=args.kv_tokens,
     )  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - start
@@ -306,7 +315,7 @@ def _serve(args: argparse.Namespace) -> None:
     model = _load_model(args)
     serve(model, model_name=args.served_model_name or Path(args.ckpt).name, host=args.host, port=args.port,
           slots=args.batch_size, max_len=args.max_len, max_queue=args.max_queue, api_key=args.api_key,
-          shutdown_timeout=args.shutdown_timeout)  # fmt: skip
+          shutdown_timeout=args.shutdown_timeout, page_size=args.page_size, kv_tokens=args.kv_tokens)  # fmt: skip
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -352,7 +361,8 @@ def _plan(args: argparse.Namespace) -> None:
         raise ValueError(f"--mesh {args.mesh!r}: give every axis an explicit positive size")
     sizes = parse_mesh_spec(args.mesh, math.prod(sizes.values()))
     quant = "w8a16" if args.quant == "int8" else args.quant
-    result = plan(preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant, kv_cache=args.kv_cache)
+    result = plan(preset(args.model), sizes, chip=args.chip, batch=args.batch, seq=args.seq, quant=quant, kv_cache=args.kv_cache,
+                  page_size=args.page_size, kv_tokens=args.kv_tokens)  # fmt: skip
     print(format_plan(result))
 
 
@@ -386,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     inf.add_argument("--batch-size", type=POSITIVE, default=8, help="decode slots")
+    _add_paging_args(inf)
     inf.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     inf.add_argument("--temperature", type=TEMPERATURE, default=0.0)
     inf.add_argument("--top-p", type=TOP_P)
@@ -409,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--batch-size", type=int, default=8, help="decode slots shared by all requests")
     srv.add_argument("--max-len", type=int, help="tokens per slot, prompt + completion (default: the context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=64, help="completions waiting for a slot before new requests get 429")
+    _add_paging_args(srv)
     srv.add_argument("--api-key", default=os.environ.get("GEMMA_JAX_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMA_JAX_API_KEY)")  # fmt: skip
     srv.add_argument("--served-model-name", help="model id in /v1/models and responses (default: the --ckpt name)")
@@ -457,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--chip", required=True, help="v4, v5e, v5p, v6e or h100")
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--seq", type=int, default=8192, help="tokens per sequence (prompt + generated)")
+    _add_paging_args(pl)
     pl.add_argument("--quant", choices=["int8", "w8a16", "w8a8"], help="int8 = w8a16 (weight-only)")
     pl.add_argument("--kv-cache", default="float", choices=["float", "int8"], help="KV cache dtype (int8: half the bytes)")
     pl.set_defaults(run=_plan)

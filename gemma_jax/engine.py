@@ -35,7 +35,7 @@ import numpy as np
 
 from gemma_jax.api import Gemma
 from gemma_jax.generate import DecodeState, _decode, _pin, _prefill, bucket, sampling_args
-from gemma_jax.models.kv_cache import paged_cache, table_width, write_pages
+from gemma_jax.models.kv_cache import paged_cache, pool_pages, table_width, write_pages
 from gemma_jax.runtime import Runtime
 from gemma_jax.sampling import RowSampler, Sampler
 from gemma_jax.sharding import to_host
@@ -99,15 +99,13 @@ class Engine:
             raise ValueError(f"kv_tokens ({kv_tokens}) must hold at least one sequence of max_len ({max_len}) tokens")
         self.model, self.sampler, self.seed, self.chunk = model, sampler, seed, chunk
         self.slots = slots if model.layout is None else model.batch_rows(slots)
-        self.max_len, self.page_size = max_len, page_size
+        self.max_len, self.page_size, self.kv_tokens = max_len, page_size, kv_tokens
         self.defaults = dict(temperature=temperature, top_p=top_p)
         self.stop_ids = sampling_args(temperature, top_p, stop_ids)["stop_ids"]
         self.static = dict(runtime=model.runtime, sampler=sampler)
         dense = jax.eval_shape(lambda: model.runtime.init_cache(1, max_len))
         self.widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
-        blocks = -(-max_len // page_size)
-        # Page 0 is the null page. Global tables (every block) draw on the budget; rings at most one per slot.
-        self.capacity = {w: 1 + (-(-kv_tokens // page_size) if w == blocks else self.slots * w) for w in set(self.widths.values())}
+        self.capacity = {w: pool_pages(w, max_len, page_size, kv_tokens, self.slots) for w in set(self.widths.values())}
         self._dense = dense
         self.reset()
 
@@ -120,7 +118,7 @@ class Engine:
         self.tables = {w: np.zeros((self.slots, w), np.int32) for w in self.capacity}
         capacity = tuple(sorted((name, self.capacity[w]) for name, w in self.widths.items()))
         self.state = _empty_state(self.slots, self.max_len, self.page_size, capacity, runtime=self.model.runtime)
-        self._push_tables()
+        self._tables_changed = True
 
     @property
     def running(self) -> int:
@@ -138,7 +136,7 @@ class Engine:
 
     def fit(self, requests: list[Request], releasing: Iterable[int] = ()) -> int:
         """How many of `requests`, in order, can be admitted now (after `releasing` slots are freed)."""
-        releasing = set(releasing)
+        releasing = {slot for slot in releasing if self.active[slot] is not None}
         slots = len(self.free_slots()) + len(releasing)
         free = {w: len(pages) + sum(int(np.count_nonzero(self.tables[w][s])) for s in releasing) for w, pages in self.free_pages.items()}
         for n, request in enumerate(requests):
@@ -154,12 +152,13 @@ class Engine:
             raise ValueError(f"{len(requests)} requests do not fit {len(self.free_slots())} free slots and the free pages")
         if not requests:
             return []
+        new = self._prefill(requests)
         slots = self.free_slots()[: len(requests)]
         for slot, request in zip(slots, requests):
             for w, n in self.pages_needed(request).items():
                 self.tables[w][slot, :n], self.free_pages[w] = self.free_pages[w][:n], self.free_pages[w][n:]
+        self._tables_changed = True
         self._push_tables()
-        new = self._prefill(requests)
         targets = np.full(bucket(len(requests), 1), self.slots, np.int32)  # padding rows: dropped
         targets[: len(requests)] = slots
         self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
@@ -176,16 +175,20 @@ class Engine:
         for w, table in self.tables.items():
             self.free_pages[w] = sorted(self.free_pages[w] + [int(p) for p in table[slot] if p])
             table[slot] = 0
-        self._push_tables()
+        self._tables_changed = True
 
     def _push_tables(self) -> None:
-        """Hand the host's page tables to the cache (a few small arrays; the pools are untouched)."""
+        """Hand the host's page tables to the cache if they changed (a few small arrays; the pools are untouched)."""
+        if not self._tables_changed:
+            return
+        self._tables_changed = False
         cache = {name: layer | {"pages": self.tables[self.widths[name]]} for name, layer in self.state.cache.items()}
         self.state = _pin_state(self.state._replace(cache=cache), runtime=self.model.runtime)
 
     def step(self) -> list[Output]:
         """Decode up to `chunk` tokens for every active slot; finished requests leave their slots."""
         sampling = {**self.settings, "stop_ids": self.stop_ids}
+        self._push_tables()  # released slots write to the null page from now on
         self.state, out = _decode(self.model.params, self.state, self.limits, np.zeros(self.slots, bool), sampling,
                                   out_len=self.chunk, **self.static)  # fmt: skip
         out, done, stopped = to_host(out), to_host(self.state.done), to_host(self.state.stopped)

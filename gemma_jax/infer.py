@@ -154,8 +154,11 @@ def run_job(
     report: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[Finished], None] | None = None,
+    page_size: int = 32,
+    kv_tokens: int | None = None,
 ) -> JobSummary:
-    """Generate a completion for every input id not yet in the output file."""
+    """Generate a completion for every input id not yet in the output file (`page_size`, `kv_tokens`: the
+    engine's paged KV cache)."""
     if not isinstance(slots, int) or slots < 1:
         raise ValueError(f"slots (--batch-size) must be a positive integer, got {slots!r}")
     check_max_new_tokens(max_new_tokens)
@@ -172,7 +175,8 @@ def run_job(
         max_len = min(model.config.max_position, bucket(max(len(r.prompt) for r in todo)) + bucket(max_new_tokens))
         engine = Engine(
             model, slots=slots, max_len=max_len, sampler=sampler, temperature=temperature or 1.0,
-            top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(),
+            top_p=top_p or 1.0, seed=seed, stop_ids=model.stop_ids(), page_size=page_size,
+            kv_tokens=None if kv_tokens is None else max(kv_tokens, max_len),
         )  # fmt: skip
         for result in _flushing(engine.run(todo), out) if write else engine.run(todo):
             text = model.tokenizer.decode(result.tokens)

@@ -21,6 +21,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import AbstractMesh
 
 from gemma_jax.models import Config, family_of, init_params, param_axes
+from gemma_jax.models.kv_cache import paged_cache, pool_pages, table_width
 from gemma_jax.runtime import KV_CACHES
 from gemma_jax.sharding import AXES, RULE_SETS, Layout
 
@@ -117,12 +118,20 @@ def _slots(config: Config, kind: str, n: int) -> int:
     return min(config.sliding_window, n) if kind == "local" else n
 
 
-def _cache_bytes(config: Config, layout: Layout, batch: int, seq: int, dtype: np.dtype, context: int | None = None) -> int:
+def _cache_bytes(
+    config: Config, layout: Layout, batch: int, seq: int, dtype: np.dtype, context: int | None = None,
+    pages: tuple[int, int] | None = None,
+) -> int:  # fmt: skip
     """Per-device bytes of `init_cache(config, batch, seq, dtype)` (int8: with its scales), from the family's
     own cache traced abstractly; with `context`, only the min(context, slots) slots per layer that a decode
-    step there must read."""
+    step there must read; with `pages` (page size, KV budget in tokens), the engine's paged cache for
+    `batch` rows of up to `seq` tokens instead (its pools are split by heads only)."""
     family = family_of(config)
     cache = jax.eval_shape(lambda: family.init_cache(config, batch, seq if context is None else min(context, seq), dtype))
+    if pages is not None and context is None:
+        page, kv_tokens = pages
+        counts = {(w := table_width(layer["k"].shape[2], seq, page)): pool_pages(w, seq, page, kv_tokens, batch) for layer in cache.values()}
+        cache = jax.eval_shape(lambda: paged_cache(cache, seq, page, counts, batch, None))
     return sum(
         math.prod(local_shape(layout, family.cache_axes[kind], leaf.shape)) * np.dtype(leaf.dtype).itemsize
         for layer in cache.values()
@@ -166,14 +175,18 @@ def plan(
     rules: str = "inference",
     decode_context: int | None = None,
     kv_cache: str = "float",
+    page_size: int = 32,
+    kv_tokens: int | None = None,
 ) -> Plan:
     """Per-device memory and whole-slice roofline speeds for `batch` sequences of `seq` tokens.
 
     `mesh_sizes` sizes the (data, fsdp, tensor) axes; missing ones are 1. Activations and cache
     are in `param_dtype` (bf16 when quantised). A decode step reads every weight a device
     multiplies once, plus the KV cache at `decode_context` (default seq // 2: sequences spread
-    evenly over their lifetime); prefill runs batch x seq tokens in one pass. `kv_cache="int8"` sizes
-    an int8 cache with its per-token-and-head scales.
+    evenly over their lifetime), as it reads only filled blocks; prefill runs batch x seq tokens in one
+    pass. `kv_cache="int8"` sizes an int8 cache with its per-token-and-head scales. `kv_tokens` sizes the
+    engine's paged cache instead of a dense one: global layers hold pages for `kv_tokens` tokens shared by
+    `batch` rows (each up to `seq` tokens), sliding-window layers a ring per row.
     """
     if batch < 1 or seq < 1:
         raise ValueError(f"batch and seq must be at least 1, got batch={batch}, seq={seq}")
@@ -191,7 +204,8 @@ def plan(
     params, _ = device_param_bytes(config, layout, pdtype, quant)
     read, elements = device_param_bytes(config, layout, pdtype, quant, skip=GATHERED_AXES)  # weights as multiplied
     kv = np.dtype(np.int8) if kv_cache == "int8" else c  # the KV cache's dtype
-    cache = _cache_bytes(config, layout, batch, seq, kv)
+    paging = None if kv_tokens is None else (page_size, kv_tokens)
+    cache = _cache_bytes(config, layout, batch, seq, kv, pages=paging)
     splash = name != "h100" and seq % 128 == 0  # kernels/attention.py: the TPU default
     acts, prefill_attn = prefill_peak(config, layout, batch, seq, c.itemsize, splash)
     B, N = local_shape(layout, ("act_batch", "act_heads"), (batch, config.num_heads))
@@ -207,7 +221,8 @@ def plan(
         "collective (ICI/NVLink) costs, kernel efficiency and XLA's reserved HBM are ignored",
         f"largest parameter {'/'.join(largest[0])} {list(largest[2])}: {largest_bytes / GiB:.2f} GiB per device "
         f"(axes {', '.join(map(str, largest[1]))}, placed by the {rules} rules)",
-        f"decode reads KV at avg context {context} (today's dense decode reads all {seq} slots: decode_context={seq})",
+        f"decode reads the KV of filled blocks only, at avg context {context} (decode_context)",
+        f"KV cache: {'dense, ' + str(seq) + ' slots per row' if kv_tokens is None else f'paged ({page_size}-token pages): {kv_tokens} tokens per global layer, pools split by heads only, {kv_tokens // max(context, 1)} rows of avg context'}",
         "prefill attention: splash kernel (no [T T] logits; masked blocks skipped)" if splash else
         "prefill attention: dense f32 logits over the prompt (S = T), windows masked not skipped",
         f"compute in {c.name} at the {'int8' if quant == 'w8a8' else 'bf16'} peak, {peak / 1e12:.0f} TFLOP/s"

@@ -163,3 +163,16 @@ def test_decode_reads_only_the_blocks_rows_filled(monkeypatch):
         counts.clear()
         model.apply({"params": params}, tokens[:, :1], jnp.array([[12]]), tokens[:, :1], cache)
         assert [int(c) for c in counts] == [1, 2, 1]  # local (6-slot ring), global (13 of max_len), local
+
+
+def test_plan_sizes_the_engine_paged_cache():
+    """`plan --kv-tokens` counts the bytes the engine allocates (pools with the null page, rings, tables)."""
+    from gemma_jax.plan import plan
+
+    model = _model(GEMMA)
+    engine = Engine(model, slots=4, max_len=64, sampler=GREEDY, page_size=8, kv_tokens=96)
+    allocated = sum(x.nbytes for layer in engine.state.cache.values() for x in layer.values())
+    planned = plan(GEMMA, {}, chip="v5e", batch=4, seq=64, param_dtype="float32", page_size=8, kv_tokens=96)
+    assert planned.cache_bytes == allocated
+    dense = plan(GEMMA, {}, chip="v5e", batch=4, seq=64, param_dtype="float32")
+    assert planned.cache_bytes < 0.5 * dense.cache_bytes  # 96 tokens of pages against 4 x 64 dense slots

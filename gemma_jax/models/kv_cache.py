@@ -59,6 +59,13 @@ def layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any
     return {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
 
 
+def pool_pages(width: int, max_len: int, page: int, kv_tokens: int, rows: int) -> int:
+    """Pages in the pool of a layer whose tables are `width` wide (the null page included): global layers'
+    pools hold the budget of `kv_tokens` tokens; rings need at most one ring per row, so they never limit
+    admission."""
+    return 1 + (-(-kv_tokens // page) if width == -(-max_len // page) else rows * width)
+
+
 def _quantize(x: Array) -> tuple[Array, Array]:
     """[B T K H] -> (int8 [B T K H], float32 scale [B T K]): symmetric absmax over head_dim; a zero row stays zero."""
     x32 = x.astype(jnp.float32)
@@ -87,6 +94,13 @@ def table_width(slots: int, max_len: int, page: int) -> int:
     sliding window (slots < max_len) a ring one page longer than the window, so it always holds the window."""
     blocks = -(-max_len // page)
     return blocks if slots >= max_len else min(blocks, -(-slots // page) + 1)
+
+
+def pool_pages(width: int, max_len: int, page: int, kv_tokens: int, rows: int) -> int:
+    """Pages in the pool of a layer whose tables are `width` wide (the null page included): global layers'
+    pools hold the budget of `kv_tokens` tokens; rings need at most one ring per row, so they never limit
+    admission."""
+    return 1 + (-(-kv_tokens // page) if width == -(-max_len // page) else rows * width)
 
 
 def _quantize(x: Array) -> tuple[Array, Array]:

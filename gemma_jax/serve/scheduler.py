@@ -214,8 +214,8 @@ class Scheduler:
                 self._pending.clear()
                 self._running.clear()
                 return Plan([j.slot for j in gone], [], closing=True)
-            room = len(self.engine.free_slots()) + len(gone)
-            admitted = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            room = self.engine.fit([job.request for job in self._pending], releasing=[j.slot for j in gone])
+            admitted = [self._pending.popleft() for _ in range(room)]
         for job in admitted:
             self._running[job.request.id] = job
         return Plan([j.slot for j in gone], [j.request for j in admitted])
