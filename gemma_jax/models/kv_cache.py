@@ -59,21 +59,6 @@ def layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any
     return {name: constrain(x, CACHE_AXES[name], layout) for name, x in layer.items()}
 
 
-def pool_pages(width: int, max_len: int, page: int, kv_tokens: int, rows: int) -> int:
-    """Pages in the pool of a layer whose tables are `width` wide (the null page included): global layers'
-    pools hold the budget of `kv_tokens` tokens; rings need at most one ring per row, so they never limit
-    admission."""
-    return 1 + (-(-kv_tokens // page) if width == -(-max_len // page) else rows * width)
-
-
-def _quantize(x: Array) -> tuple[Array, Array]:
-    """[B T K H] -> (int8 [B T K H], float32 scale [B T K]): symmetric absmax over head_dim; a zero row stays zero."""
-    x32 = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x32), axis=-1) / INT8_MAX
-    q = jnp.round(x32 / jnp.where(scale > 0, scale, 1.0)[..., None])
-    return jnp.clip(q, -INT8_MAX, INT8_MAX).astype(jnp.int8), scale
-
-
 def paged_cache(dense: Cache, max_len: int, page: int, pages: dict[int, int], rows: int, layout: Layout | None) -> Cache:
     """The paged counterpart of a family's (abstract) dense cache for `rows` sequences of up to `max_len` tokens:
     each layer's table is as wide as its dense slots need (`table_width`), and its pool holds `pages[width]`
