@@ -41,6 +41,9 @@ from gemma_jax.sampling import RowSampler, Sampler
 from gemma_jax.sharding import to_host
 
 
+PREFILL_TOKENS = 8192  # padded prompt tokens per prefill batch
+
+
 @dataclasses.dataclass
 class Request:
     id: str
@@ -152,16 +155,17 @@ class Engine:
             raise ValueError(f"{len(requests)} requests do not fit {len(self.free_slots())} free slots and the free pages")
         if not requests:
             return []
-        new = self._prefill(requests)
         slots = self.free_slots()[: len(requests)]
         for slot, request in zip(slots, requests):
             for w, n in self.pages_needed(request).items():
                 self.tables[w][slot, :n], self.free_pages[w] = self.free_pages[w][:n], self.free_pages[w][n:]
         self._tables_changed = True
         self._push_tables()
-        targets = np.full(bucket(len(requests), 1), self.slots, np.int32)  # padding rows: dropped
-        targets[: len(requests)] = slots
-        self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
+        for group in _prefill_groups(requests):
+            new = self._prefill([requests[i] for i in group])
+            targets = np.full(bucket(len(group), 1), self.slots, np.int32)  # padding rows: dropped
+            targets[: len(group)] = [slots[i] for i in group]
+            self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
         for slot, request in zip(slots, requests):
             self.active[slot], self.limits[slot] = request, request.max_new_tokens
         fresh = self._settings(requests, len(requests))
@@ -242,6 +246,20 @@ class Engine:
             keys[i] = request_key(self.seed, r.id) if r.key is None else r.key
         sampling = {**self._settings(requests, rows), "stop_ids": self.stop_ids}
         return _prefill(self.model.params, tokens, lengths, keys, limits, sampling, cache_len=length, **self.static)
+
+
+def _prefill_groups(requests: list[Request]) -> list[list[int]]:
+    """Indices of `requests` prefilled together: same prompt-length bucket, at most `PREFILL_TOKENS` padded
+    tokens per batch (one row at least), so that short prompts are not padded to a long one's length and a
+    burst of long ones does not prefill in one huge batch."""
+    groups: dict[int, list[list[int]]] = {}
+    for i, request in enumerate(requests):
+        length = bucket(len(request.prompt))
+        rows = groups.setdefault(length, [[]])
+        if len(rows[-1]) * length >= max(PREFILL_TOKENS, length):
+            rows.append([])
+        rows[-1].append(i)
+    return [group for rows in groups.values() for group in rows]
 
 
 def _take(queue: Iterator[Request], n: int) -> list[Request]:
