@@ -6,6 +6,7 @@ and GGUF names; the config (tests/test_models.py checks the schema against the m
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,8 +226,10 @@ def test_schema_gguf_names_are_llama_cpp_names():
     config = Gemma3nConfig.from_preset("gemma3n-e2b")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, config.num_layers)
     for spec in FAMILY.tensor_specs(config).values():
-        if spec.path[0].startswith("altup_"):  # GGUF stacks the AltUp projections: no per-stream name
-            assert spec.gguf_name is None
+        if spec.path[0].startswith("altup_"):  # GGUF stacks the AltUp projections: one tensor per set (HF name without the stream)
+            assert spec.param.gguf_stacked and "{i}" not in spec.param.gguf
+            stack = re.sub(r"\.\d+\.weight$", "", spec.hf_name)
+            assert spec.gguf_name == names.get_name(stack) + ".weight", spec.hf_name
         else:  # ".weight" on correct_output_scale too, as llama.cpp reads it
             assert spec.gguf_name == names.get_name(spec.hf_name.removesuffix(".weight")) + ".weight", spec.hf_name
     assert all(row.norm == "plain" for row in SCHEMA if row.path.endswith("norm/scale"))
@@ -380,3 +383,89 @@ def test_plan_sizes_the_real_e4b(capsys):
     main(["plan", "--model", "gemma3n-e4b", "--chip", "v5e", "--mesh", "tensor=4", "--batch", "8", "--seq", "4096"])
     out = capsys.readouterr().out
     assert "largest parameter per_layer_embedder/embedding [262144, 8960]" in out and "fits" in out
+
+
+# --- GGUF (llama.cpp's arch gemma3n): export, import, both ways bit-exact in f32 --------------------
+
+
+@pytest.fixture(scope="module")
+def saved_for_gguf(tmp_path_factory):
+    """A saved Gemma3nForCausalLM that GGUF holds: LAuReL rank 64 (GGUF records no rank), a per-layer
+    table as long as the vocabulary (llama.cpp indexes it by token id); KV sharing, sparsity, 4 streams."""
+    from gemma_jax.tiny import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("g3n-gguf")
+    model = make_hf_model(**CASES["altup4-share2-sparse"], vocab_size=512, vocab_size_per_layer_input=512, laurel_rank=64)
+    model.save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer.model").write_bytes((tiny_checkpoint(root / "cache") / "tokenizer.model").read_bytes())
+    return model, root / "hf"
+
+
+def test_gguf_export_from_the_command_line_imports_bit_exact(saved_for_gguf, tmp_path, monkeypatch):
+    """`gemma-jax convert --to gguf` by relative paths, then back to HF: every tensor bit-equal, the same
+    config, and gemma_jax.load of the GGUF gives the HF checkpoint's logits bit for bit."""
+    import subprocess
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from gemma_jax.convert import convert
+
+    model, hf = saved_for_gguf
+    shutil.copytree(hf, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    done = subprocess.run(["gemma-jax", "convert", "ckpt", "m.gguf", "--to", "gguf", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    convert("m.gguf", "back", to="hf", quiet=True)
+    before, after = load_file(hf / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(after) == set(before) - {"lm_head.weight"}
+    for name, x in after.items():
+        assert x.dtype == before[name].dtype and np.array_equal(x.view(np.uint8), before[name].view(np.uint8)), name
+    config = Gemma3nConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    assert Gemma3nConfig.from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == config
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41, 60, 3, 500, 17], [2, 8]]
+    from_gguf, from_hf = gemma_jax.load("m.gguf", dtype="float32"), gemma_jax.load("ckpt", dtype="float32")
+    assert from_gguf.config == config
+    np.testing.assert_array_equal(from_gguf.logits(rows), from_hf.logits(rows))
+    with torch.no_grad():
+        _close(from_gguf.logits(rows[:1])[0], model(torch.tensor(rows[:1])).logits.numpy()[0], "gguf vs transformers")
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "bf16", "f16"])
+def test_gguf_quantized_exports_restore_within_a_step(kind, saved_for_gguf, tmp_path):
+    """The stacked AltUp projections are quantized as one tensor and sliced back per stream."""
+    import gguf
+
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+    from test_gguf import _assert_restored
+
+    model, hf = saved_for_gguf
+    config, params = ours(model)
+    tokenizer = Tokenizer.from_file(hf / "tokenizer.model")
+    path = save_gguf(tmp_path / "m.gguf", config, params, tokenizer, type=kind)
+    got_config, got, _ = load_gguf(path)
+    assert got_config == config
+    _assert_restored(params, got, kind)
+    types = {t.name: (t.tensor_type.name, list(t.shape)) for t in gguf.GGUFReader(path).tensors}
+    assert types["altup_proj.weight"] == ({"q8_0": "Q8_0", "bf16": "BF16", "f16": "F16"}[kind], [32, 32, 3])
+
+
+def test_gguf_export_refuses_what_gguf_cannot_record(saved_for_gguf, tmp_path):
+    """GGUF has no key for LAuReL's rank: a reload (and llama.cpp) would read 64; nor for a per-layer table shorter
+    than the vocabulary, which llama.cpp indexes by token id."""
+    import dataclasses
+
+    from gemma_jax.checkpoint.gguf import save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+
+    model, hf = saved_for_gguf
+    config = ours(model)[0]
+    tokenizer = Tokenizer.from_file(hf / "tokenizer.model")
+    for change, message in [(dict(laurel_rank=4), r"laurel_rank=4 \(GGUF gives 64\)"),
+                            (dict(per_layer_vocab_size=500), r"per_layer_vocab_size=500 \(GGUF gives 512\)")]:  # fmt: skip
+        changed = dataclasses.replace(config, **change)
+        params = unflatten_dict({s.path: np.zeros(s.shape, np.float32) for s in FAMILY.tensor_specs(changed).values()})
+        with pytest.raises(ValueError, match=r"^GGUF \(gemma3n\) cannot represent this config: " + message + "$"):
+            save_gguf(tmp_path / "m.gguf", changed, params, tokenizer)
+    assert not (tmp_path / "m.gguf").exists()
