@@ -469,3 +469,21 @@ def test_gguf_export_refuses_what_gguf_cannot_record(saved_for_gguf, tmp_path):
         with pytest.raises(ValueError, match=r"^GGUF \(gemma3n\) cannot represent this config: " + message + "$"):
             save_gguf(tmp_path / "m.gguf", changed, params, tokenizer)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_import_refuses_edited_sizes_in_one_line(saved_for_gguf, tmp_path):
+    """A layer count of 10^9 is refused before a config is built per layer; a stack of the wrong length names its tensor."""
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+    from test_fuzz_loaders import _edit_gguf
+
+    model, hf = saved_for_gguf
+    config, params = ours(model)
+    base = save_gguf(tmp_path / "m.gguf", config, params, Tokenizer.from_file(hf / "tokenizer.model"))
+    layers = _edit_gguf(base, tmp_path / "layers.gguf", {"gemma3n.block_count value": 10**9})
+    with pytest.raises(ValueError, match=r"layers.gguf: the config says 1000000000 layers, but the checkpoint holds only 121 tensors$"):
+        load_gguf(layers)
+    stack = _edit_gguf(base, tmp_path / "stack.gguf", {"altup_proj.weight dim 2": 2})
+    with pytest.raises(ValueError, match=r"stack.gguf: tensor altup_proj.weight has shape \[2, 32, 32\] \(2048 elements\), "
+                                         r"but the metadata implies \[3, 32, 32\] \(3072\)$"):
+        load_gguf(stack)
