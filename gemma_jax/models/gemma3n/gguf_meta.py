@@ -26,7 +26,7 @@ import numpy as np
 
 from gemma_jax.models.config_base import layer_pattern
 from gemma_jax.models.family import ConfigError
-from gemma_jax.models.gemma.gguf_meta import f32
+from gemma_jax.models.gemma.gguf_meta import arch_keys, f32
 from gemma_jax.models.gemma3n.config import MODEL_TYPE, Gemma3nConfig
 
 ARCH = "gemma3n"
@@ -34,7 +34,6 @@ ARCHS = {MODEL_TYPE: ARCH}  # our model_type -> llama.cpp arch
 _FIXED = dict(laurel_rank=64, altup_coef_clip=120.0, altup_correct_scale=True)  # not in GGUF: the released models'
 _LLAMA_CPP_SWA_PERIOD = 5  # llama.cpp's pattern without the key: every fifth layer global
 _HF_KIND = {True: "sliding_attention", False: "full_attention"}  # a sliding_window_pattern entry as HF's layer type
-_REQUIRED = object()
 _NORMAL = statistics.NormalDist()
 _GGUF_KEY = {  # our config field -> the metadata key it comes from, for error messages
     "vocab_size": "tokenizer.ggml.tokens", "per_layer_vocab_size": "tokenizer.ggml.tokens",
@@ -54,12 +53,7 @@ def config_from_metadata(meta: Mapping[str, Any]) -> Gemma3nConfig:
     if meta.get("general.architecture") != ARCH:
         raise ValueError(f"unsupported architecture {meta.get('general.architecture')!r}; supported: {ARCH}")
 
-    def get(name: str, default: Any = _REQUIRED) -> Any:
-        value = meta.get(f"{ARCH}.{name}", default)
-        if value is _REQUIRED:
-            raise ValueError(f"metadata lacks {ARCH}.{name}")
-        return value
-
+    get = arch_keys(meta, ARCH)
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError("metadata has no tokenizer (tokenizer.ggml.tokens)")
     if get("rope.scaling.type", "none") != "none":
