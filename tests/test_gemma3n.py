@@ -5,6 +5,7 @@ and GGUF names; the config (tests/test_models.py checks the schema against the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -452,23 +453,40 @@ def test_gguf_quantized_exports_restore_within_a_step(kind, saved_for_gguf, tmp_
 
 
 def test_gguf_export_refuses_what_gguf_cannot_record(saved_for_gguf, tmp_path):
-    """GGUF has no key for LAuReL's rank: a reload (and llama.cpp) would read 64; nor for a per-layer table shorter
-    than the vocabulary, which llama.cpp indexes by token id."""
-    import dataclasses
-
+    """GGUF has no key for LAuReL's rank: a reload (and llama.cpp) would read 64."""
     from gemma_jax.checkpoint.gguf import save_gguf
     from gemma_jax.tokenizer import Tokenizer
 
     model, hf = saved_for_gguf
     config = ours(model)[0]
     tokenizer = Tokenizer.from_file(hf / "tokenizer.model")
-    for change, message in [(dict(laurel_rank=4), r"laurel_rank=4 \(GGUF gives 64\)"),
-                            (dict(per_layer_vocab_size=500), r"per_layer_vocab_size=500 \(GGUF gives 512\)")]:  # fmt: skip
-        changed = dataclasses.replace(config, **change)
-        params = unflatten_dict({s.path: np.zeros(s.shape, np.float32) for s in FAMILY.tensor_specs(changed).values()})
-        with pytest.raises(ValueError, match=r"^GGUF \(gemma3n\) cannot represent this config: " + message + "$"):
-            save_gguf(tmp_path / "m.gguf", changed, params, tokenizer)
+    changed = dataclasses.replace(config, laurel_rank=4)
+    params = unflatten_dict({s.path: np.zeros(s.shape, np.float32) for s in FAMILY.tensor_specs(changed).values()})
+    with pytest.raises(ValueError, match=r"^GGUF \(gemma3n\) cannot represent this config: laurel_rank=4 \(GGUF gives 64\)$"):
+        save_gguf(tmp_path / "m.gguf", changed, params, tokenizer)
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("per_layer_vocab", [500, 530])
+def test_gguf_per_layer_table_gets_one_row_per_token_id(per_layer_vocab, tmp_path):
+    """As in the real E2B/E4B (262144 rows for 262400 ids): ids past the table read row 0, and GGUF's table has
+    one row per id (llama.cpp indexes it so). The export's rows past the table copy row 0, and a longer
+    table loses rows no id reads: the reloaded model gives every id the logits it gave."""
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tiny import tiny_checkpoint
+    from gemma_jax.tokenizer import Tokenizer
+
+    model = make_hf_model(**CASES["altup4-share2-sparse"], vocab_size=512, vocab_size_per_layer_input=per_layer_vocab, laurel_rank=64)
+    config, params = ours(model)
+    tokenizer = Tokenizer.from_file(tiny_checkpoint(tmp_path / "cache") / "tokenizer.model")
+    got_config, got, _ = load_gguf(save_gguf(tmp_path / "m.gguf", config, params, tokenizer))
+    assert got_config == dataclasses.replace(config, per_layer_vocab_size=512)
+    table, got_table = params["per_layer_embedder"]["embedding"], got["per_layer_embedder"]["embedding"]
+    np.testing.assert_array_equal(got_table[: min(per_layer_vocab, 512)], table[:512])
+    np.testing.assert_array_equal(got_table[per_layer_vocab:], np.broadcast_to(table[:1], got_table[per_layer_vocab:].shape))
+    tokens = np.array([[2, 5, 499, 500, 505, 511, 9, 13]])
+    run = lambda c, p: np.asarray(Transformer(c).apply({"params": p}, tokens, np.arange(8)[None], np.ones_like(tokens))[0])  # noqa: E731
+    np.testing.assert_array_equal(run(got_config, got), run(config, params))
 
 
 def test_gguf_import_refuses_edited_sizes_in_one_line(saved_for_gguf, tmp_path):

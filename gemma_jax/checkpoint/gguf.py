@@ -164,6 +164,8 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
         raise ValueError(f"GGUF holds causal LMs only; this is a {config.head.task} checkpoint (convert it to hf or orbax)")
     if source.tokenizer is None:
         raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
+    source = family.gguf.stored(source)
+    config = source.config
     meta = _metadata_for(family, config, Tokenizer(source.tokenizer), type)
     _check_representable(config, family.gguf.config_from_metadata(meta), meta["general.architecture"])
     layout = _gguf_tensors(config)

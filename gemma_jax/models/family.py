@@ -114,7 +114,7 @@ class Family:
     dims: Callable[[Config, int | None], dict[str, int]]  # dimension letter -> size, for a layer (None: model-wide)
     hf_unused: Callable[[Config, str], bool] | None = None  # HF tensors a checkpoint may hold that the model never reads
     hf_text_prefix: str | None = None  # a multimodal checkpoint's text stack (its config.json has `text_config`)
-    gguf: Any = None  # its GGUF metadata module (ARCHS, config_from_metadata, metadata_for), if llama.cpp runs it
+    gguf: Any = None  # its GGUF module (ARCHS, config_from_metadata, metadata_for, stored), if llama.cpp runs it
     google: Any = None  # its gemma-library checkpoint recipe module, if Google released it that way
 
     def tensor_specs(self, config: Config) -> dict[str, TensorSpec]:

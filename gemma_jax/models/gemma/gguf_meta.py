@@ -123,3 +123,8 @@ def metadata_for(config: GemmaConfig) -> dict[str, Any]:
     if config.rope_scale != 1.0:
         meta |= {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": f32(config.rope_scale)}
     return meta
+
+
+def stored(source: Any) -> Any:
+    """The `TensorSource` GGUF stores for `source`: the same (every Gemma tensor has a GGUF tensor of its shape)."""
+    return source

@@ -4,8 +4,8 @@
 The converter records every Gemma 3n field except these three, which a reload sets to the released
 models' values (and saving refuses a config with other ones): LAuReL's rank (64: llama.cpp takes it
 from nowhere else), the AltUp coefficient clip (120) and the AltUp output scale (on). The per-layer
-token table has as many rows as the vocabulary (llama.cpp indexes it by token id), so
-`per_layer_vocab_size` reads back as `vocab_size`. Activation sparsity is stored as each layer's
+token table has as many rows as the vocabulary (llama.cpp indexes it by token id): `stored` makes it
+so, the same function for every id, and `per_layer_vocab_size` reads back as `vocab_size`. Activation sparsity is stored as each layer's
 normal quantile (-inf for a dense layer) and read back as the shortest fraction with that quantile.
 
 llama.cpp itself (0.3.36, src/models/gemma3n.cpp) reads only the generic keys, the sliding-window
@@ -17,6 +17,7 @@ loads here exactly but runs differently there, or not at all.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping
@@ -33,6 +34,7 @@ ARCH = "gemma3n"
 ARCHS = {MODEL_TYPE: ARCH}  # our model_type -> llama.cpp arch
 _FIXED = dict(laurel_rank=64, altup_coef_clip=120.0, altup_correct_scale=True)  # not in GGUF: the released models'
 _LLAMA_CPP_SWA_PERIOD = 5  # llama.cpp's pattern without the key: every fifth layer global
+_PER_LAYER_TABLE = ("per_layer_embedder", "embedding")
 _HF_KIND = {True: "sliding_attention", False: "full_attention"}  # a sliding_window_pattern entry as HF's layer type
 _NORMAL = statistics.NormalDist()
 _GGUF_KEY = {  # our config field -> the metadata key it comes from, for error messages
@@ -128,6 +130,27 @@ def metadata_for(config: Gemma3nConfig) -> dict[str, Any]:
         f"{ARCH}.activation_sparsity_scale": [_quantile(s) for s in config.activation_sparsity],
         f"{ARCH}.attention.sliding_window_pattern": [kind == "local" for kind in config.layer_kinds],
     }
+
+
+def stored(source: Any) -> Any:
+    """The `TensorSource` GGUF stores for `source`: its per-layer table with one row per token id, as llama.cpp
+    indexes it. transformers reads row 0 for ids past the table, so the rows added are copies of row 0
+    (llama.cpp's converter adds zeros) and rows past the vocabulary, which no id reads, are dropped: every
+    id gets what it got. Only the config's `per_layer_vocab_size` changes (to `vocab_size`)."""
+    config = source.config
+    vocab, rows = config.vocab_size, config.per_layer_vocab_size
+    if rows == vocab:
+        return source
+    original = source.specs
+
+    def read(spec: Any) -> Any:
+        x = source.read(original[spec.hf_name])
+        if spec.path != _PER_LAYER_TABLE:
+            return x
+        x = np.asarray(x)
+        return np.concatenate([x[:vocab], np.broadcast_to(x[:1], (vocab - min(rows, vocab), x.shape[1]))])
+
+    return dataclasses.replace(source, config=dataclasses.replace(config, per_layer_vocab_size=vocab), read=read)
 
 
 def _quantile(sparsity: float) -> float:
