@@ -3,6 +3,10 @@
 - Tiny random Gemma 2 and Gemma 3 models with a real sentencepiece tokenizer, exported by
   `save_gguf` as f32 and q8_0, load in llama.cpp, and its logits match ours over 100 tokens,
   many sliding windows long, fed in batches of 16 (so llama.cpp's KV cache is used too).
+- Gemma 3n: llama.cpp's own converter (convert_hf_to_gguf.py from the llama-cpp-python sdist, at
+  $LLAMA_CPP_SOURCE) writes the tensors and gemma3n keys our export writes, and our importer reads its
+  file to transformers' logits; llama.cpp runs our f32 and q8_0 exports of a tiny model of the shape it
+  hard-codes to our logits computed with its arithmetic.
 - The real Gemma 3 270M: the tokenizers agree; its weights exported by us as F32 give llama.cpp
   our logits and our greedy text on every prompt; on the packaged Q4_K_M file, which llama.cpp
   runs with quantized arithmetic, greedy texts agree up to near-ties; and `gemma_jax.perplexity`
