@@ -505,3 +505,15 @@ def test_gguf_import_refuses_edited_sizes_in_one_line(saved_for_gguf, tmp_path):
     with pytest.raises(ValueError, match=r"stack.gguf: tensor altup_proj.weight has shape \[2, 32, 32\] \(2048 elements\), "
                                          r"but the metadata implies \[3, 32, 32\] \(3072\)$"):
         load_gguf(stack)
+
+
+@pytest.mark.parametrize("preset", ["gemma3n-e2b", "gemma3n-e4b"])
+def test_real_configs_round_trip_through_gguf_metadata(preset):
+    """The released sizes are what llama.cpp hard-codes (rank 64, width 256, KV from the first 20 layers);
+    their GGUF keys give the config back, with the per-layer table one row per id."""
+    from gemma_jax.models.gemma3n import gguf_meta
+
+    config = Gemma3nConfig.from_preset(preset)
+    assert (config.laurel_rank, config.per_layer_dim, config.num_layers - config.num_kv_shared_layers) == (64, 256, 20)
+    meta = {"general.architecture": "gemma3n", "tokenizer.ggml.tokens": [""] * config.vocab_size, **gguf_meta.metadata_for(config)}
+    assert gguf_meta.config_from_metadata(meta) == dataclasses.replace(config, per_layer_vocab_size=config.vocab_size)
