@@ -5,7 +5,9 @@ and GGUF names; the config (tests/test_models.py checks the schema against the m
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -225,8 +227,10 @@ def test_schema_gguf_names_are_llama_cpp_names():
     config = Gemma3nConfig.from_preset("gemma3n-e2b")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3N, config.num_layers)
     for spec in FAMILY.tensor_specs(config).values():
-        if spec.path[0].startswith("altup_"):  # GGUF stacks the AltUp projections: no per-stream name
-            assert spec.gguf_name is None
+        if spec.path[0].startswith("altup_"):  # GGUF stacks the AltUp projections: one tensor per set (HF name without the stream)
+            assert spec.param.gguf_stacked and "{i}" not in spec.param.gguf
+            stack = re.sub(r"\.\d+\.weight$", "", spec.hf_name)
+            assert spec.gguf_name == names.get_name(stack) + ".weight", spec.hf_name
         else:  # ".weight" on correct_output_scale too, as llama.cpp reads it
             assert spec.gguf_name == names.get_name(spec.hf_name.removesuffix(".weight")) + ".weight", spec.hf_name
     assert all(row.norm == "plain" for row in SCHEMA if row.path.endswith("norm/scale"))
@@ -380,3 +384,136 @@ def test_plan_sizes_the_real_e4b(capsys):
     main(["plan", "--model", "gemma3n-e4b", "--chip", "v5e", "--mesh", "tensor=4", "--batch", "8", "--seq", "4096"])
     out = capsys.readouterr().out
     assert "largest parameter per_layer_embedder/embedding [262144, 8960]" in out and "fits" in out
+
+
+# --- GGUF (llama.cpp's arch gemma3n): export, import, both ways bit-exact in f32 --------------------
+
+
+@pytest.fixture(scope="module")
+def saved_for_gguf(tmp_path_factory):
+    """A saved Gemma3nForCausalLM that GGUF holds: LAuReL rank 64 (GGUF records no rank), a per-layer
+    table as long as the vocabulary (llama.cpp indexes it by token id); KV sharing, sparsity, 4 streams."""
+    from gemma_jax.tiny import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("g3n-gguf")
+    model = make_hf_model(**CASES["altup4-share2-sparse"], vocab_size=512, vocab_size_per_layer_input=512, laurel_rank=64)
+    model.save_pretrained(root / "hf")
+    (root / "hf" / "tokenizer.model").write_bytes((tiny_checkpoint(root / "cache") / "tokenizer.model").read_bytes())
+    return model, root / "hf"
+
+
+def test_gguf_export_from_the_command_line_imports_bit_exact(saved_for_gguf, tmp_path, monkeypatch):
+    """`gemma-jax convert --to gguf` by relative paths, then back to HF: every tensor bit-equal, the same
+    config, and gemma_jax.load of the GGUF gives the HF checkpoint's logits bit for bit."""
+    import subprocess
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from gemma_jax.convert import convert
+
+    model, hf = saved_for_gguf
+    shutil.copytree(hf, tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    done = subprocess.run(["gemma-jax", "convert", "ckpt", "m.gguf", "--to", "gguf", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    convert("m.gguf", "back", to="hf", quiet=True)
+    before, after = load_file(hf / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert set(after) == set(before) - {"lm_head.weight"}
+    for name, x in after.items():
+        assert x.dtype == before[name].dtype and np.array_equal(x.view(np.uint8), before[name].view(np.uint8)), name
+    config = Gemma3nConfig.from_hf(json.loads((hf / "config.json").read_text()))
+    assert Gemma3nConfig.from_hf(json.loads((tmp_path / "back" / "config.json").read_text())) == config
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41, 60, 3, 500, 17], [2, 8]]
+    from_gguf, from_hf = gemma_jax.load("m.gguf", dtype="float32"), gemma_jax.load("ckpt", dtype="float32")
+    assert from_gguf.config == config
+    np.testing.assert_array_equal(from_gguf.logits(rows), from_hf.logits(rows))
+    with torch.no_grad():
+        _close(from_gguf.logits(rows[:1])[0], model(torch.tensor(rows[:1])).logits.numpy()[0], "gguf vs transformers")
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "bf16", "f16"])
+def test_gguf_quantized_exports_restore_within_a_step(kind, saved_for_gguf, tmp_path):
+    """The stacked AltUp projections are quantized as one tensor and sliced back per stream."""
+    import gguf
+
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+    from test_gguf import _assert_restored
+
+    model, hf = saved_for_gguf
+    config, params = ours(model)
+    tokenizer = Tokenizer.from_file(hf / "tokenizer.model")
+    path = save_gguf(tmp_path / "m.gguf", config, params, tokenizer, type=kind)
+    got_config, got, _ = load_gguf(path)
+    assert got_config == config
+    _assert_restored(params, got, kind)
+    types = {t.name: (t.tensor_type.name, list(t.shape)) for t in gguf.GGUFReader(path).tensors}
+    assert types["altup_proj.weight"] == ({"q8_0": "Q8_0", "bf16": "BF16", "f16": "F16"}[kind], [32, 32, 3])
+
+
+def test_gguf_export_refuses_what_gguf_cannot_record(saved_for_gguf, tmp_path):
+    """GGUF has no key for LAuReL's rank: a reload (and llama.cpp) would read 64."""
+    from gemma_jax.checkpoint.gguf import save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+
+    model, hf = saved_for_gguf
+    config = ours(model)[0]
+    tokenizer = Tokenizer.from_file(hf / "tokenizer.model")
+    changed = dataclasses.replace(config, laurel_rank=4)
+    params = unflatten_dict({s.path: np.zeros(s.shape, np.float32) for s in FAMILY.tensor_specs(changed).values()})
+    with pytest.raises(ValueError, match=r"^GGUF \(gemma3n\) cannot represent this config: laurel_rank=4 \(GGUF gives 64\)$"):
+        save_gguf(tmp_path / "m.gguf", changed, params, tokenizer)
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("per_layer_vocab", [500, 530])
+def test_gguf_per_layer_table_gets_one_row_per_token_id(per_layer_vocab, tmp_path):
+    """As in the real E2B/E4B (262144 rows for 262400 ids): ids past the table read row 0, and GGUF's table has
+    one row per id (llama.cpp indexes it so). The export's rows past the table copy row 0, and a longer
+    table loses rows no id reads: the reloaded model gives every id the logits it gave."""
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tiny import tiny_checkpoint
+    from gemma_jax.tokenizer import Tokenizer
+
+    model = make_hf_model(**CASES["altup4-share2-sparse"], vocab_size=512, vocab_size_per_layer_input=per_layer_vocab, laurel_rank=64)
+    config, params = ours(model)
+    tokenizer = Tokenizer.from_file(tiny_checkpoint(tmp_path / "cache") / "tokenizer.model")
+    got_config, got, _ = load_gguf(save_gguf(tmp_path / "m.gguf", config, params, tokenizer))
+    assert got_config == dataclasses.replace(config, per_layer_vocab_size=512)
+    table, got_table = params["per_layer_embedder"]["embedding"], got["per_layer_embedder"]["embedding"]
+    np.testing.assert_array_equal(got_table[: min(per_layer_vocab, 512)], table[:512])
+    np.testing.assert_array_equal(got_table[per_layer_vocab:], np.broadcast_to(table[:1], got_table[per_layer_vocab:].shape))
+    tokens = np.array([[2, 5, 499, 500, 505, 511, 9, 13]])
+    run = lambda c, p: np.asarray(Transformer(c).apply({"params": p}, tokens, np.arange(8)[None], np.ones_like(tokens))[0])  # noqa: E731
+    np.testing.assert_array_equal(run(got_config, got), run(config, params))
+
+
+def test_gguf_import_refuses_edited_sizes_in_one_line(saved_for_gguf, tmp_path):
+    """A layer count of 10^9 is refused before a config is built per layer; a stack of the wrong length names its tensor."""
+    from gemma_jax.checkpoint.gguf import load_gguf, save_gguf
+    from gemma_jax.tokenizer import Tokenizer
+    from test_fuzz_loaders import _edit_gguf
+
+    model, hf = saved_for_gguf
+    config, params = ours(model)
+    base = save_gguf(tmp_path / "m.gguf", config, params, Tokenizer.from_file(hf / "tokenizer.model"))
+    layers = _edit_gguf(base, tmp_path / "layers.gguf", {"gemma3n.block_count value": 10**9})
+    with pytest.raises(ValueError, match=r"layers.gguf: the config says 1000000000 layers, but the checkpoint holds only 121 tensors$"):
+        load_gguf(layers)
+    stack = _edit_gguf(base, tmp_path / "stack.gguf", {"altup_proj.weight dim 2": 2})
+    with pytest.raises(ValueError, match=r"stack.gguf: tensor altup_proj.weight has shape \[2, 32, 32\] \(2048 elements\), "
+                                         r"but the metadata implies \[3, 32, 32\] \(3072\)$"):
+        load_gguf(stack)
+
+
+@pytest.mark.parametrize("preset", ["gemma3n-e2b", "gemma3n-e4b"])
+def test_real_configs_round_trip_through_gguf_metadata(preset):
+    """The released sizes are what llama.cpp hard-codes (rank 64, width 256, KV from the first 20 layers);
+    their GGUF keys give the config back, with the per-layer table one row per id."""
+    from gemma_jax.models.gemma3n import gguf_meta
+
+    config = Gemma3nConfig.from_preset(preset)
+    assert (config.laurel_rank, config.per_layer_dim, config.num_layers - config.num_kv_shared_layers) == (64, 256, 20)
+    meta = {"general.architecture": "gemma3n", "tokenizer.ggml.tokens": [""] * config.vocab_size, **gguf_meta.metadata_for(config)}
+    assert gguf_meta.config_from_metadata(meta) == dataclasses.replace(config, per_layer_vocab_size=config.vocab_size)

@@ -3,6 +3,10 @@
 - Tiny random Gemma 2 and Gemma 3 models with a real sentencepiece tokenizer, exported by
   `save_gguf` as f32 and q8_0, load in llama.cpp, and its logits match ours over 100 tokens,
   many sliding windows long, fed in batches of 16 (so llama.cpp's KV cache is used too).
+- Gemma 3n: llama.cpp's own converter (convert_hf_to_gguf.py from the llama-cpp-python sdist, at
+  $LLAMA_CPP_SOURCE) writes the tensors and gemma3n keys our export writes, and our importer reads its
+  file to transformers' logits; llama.cpp runs our f32 and q8_0 exports of a tiny model of the shape it
+  hard-codes to our logits computed with its arithmetic.
 - The real Gemma 3 270M: the tokenizers agree; its weights exported by us as F32 give llama.cpp
   our logits and our greedy text on every prompt; on the packaged Q4_K_M file, which llama.cpp
   runs with quantized arithmetic, greedy texts agree up to near-ties; and `gemma_jax.perplexity`
@@ -346,3 +350,153 @@ def test_real_perplexity_matches_llama_cpp(real_ours, real_llama):
           f"ours {ours.ppl:.4f} +/- {ours.error:.4f}, llama.cpp {theirs:.4f}, ratio {ours.ppl / theirs:.5f}")  # fmt: skip
     assert ours.tokens_scored == len(nll)
     assert abs(ours.ppl / theirs - 1) < 0.01
+
+
+# --- Gemma 3n (arch gemma3n): llama.cpp's converter reads the same, and llama.cpp runs our export ---
+# llama.cpp (0.3.36, src/models/gemma3n.cpp) reads no Gemma 3n key but the sliding-window pattern and
+# hard-codes E2B/E4B's values: 4 AltUp streams (stream 0 active), LAuReL rank 64, per-layer width 256,
+# keys and values in the first 20 layers only, sparsity 0.95 on the first 10 layers, soft-cap 30. The
+# smallest model it runs as transformers does has exactly those (here 5 layers, no KV sharing).
+# Its activation sparsity divides the variance by F - 1 where transformers divides by F (unbiased=False).
+
+LLAMA_CPP_SOURCE = Path(os.environ.get("LLAMA_CPP_SOURCE", "/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+GET_SOURCE = ("pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36, extract it and set "
+              "LLAMA_CPP_SOURCE to its vendor/llama.cpp")  # fmt: skip
+
+
+def _llama_cpp_convert(hf_dir: Path, out: Path) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py (f32), with the gguf-py beside it."""
+    import subprocess
+    import sys
+
+    script = LLAMA_CPP_SOURCE / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        pytest.fail(f"no llama.cpp converter at {script}: {GET_SOURCE}", pytrace=False)
+    env = {**os.environ, "PYTHONPATH": str(LLAMA_CPP_SOURCE / "gguf-py")}
+    done = subprocess.run([sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", "f32"],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _hf_gemma3n(tmp: Path, **overrides: Any) -> tuple[Any, Path]:
+    """A random tiny Gemma3nForCausalLM saved with conftest's 512-piece sentencepiece tokenizer beside it.
+    Post-norms near 1, not test_gemma3n's 3: its float32 logits then agree with transformers' to 7e-6, not 8e-5,
+    so that the comparisons below measure llama.cpp, not this model's conditioning."""
+    import torch
+    from gemma_jax.tiny import tiny_checkpoint
+    from test_gemma3n import make_hf_model
+
+    model = make_hf_model(**{"vocab_size": 512, "vocab_size_per_layer_input": 512, "laurel_rank": 64, **overrides})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "post_" in name and "norm" in name:
+                p /= 3.0
+    model.save_pretrained(tmp / "hf")
+    (tmp / "hf" / "tokenizer.model").write_bytes((tiny_checkpoint(tmp / "cache") / "tokenizer.model").read_bytes())
+    return model, tmp / "hf"
+
+
+def test_gemma3n_llama_cpp_converter_output_imports_and_matches_our_export(tmp_path):
+    """The same HF checkpoint through llama.cpp's converter and through ours: the same tensors (names, shapes,
+    F32 values), the same gemma3n.* keys (values equal but for the float32 sparsity quantiles, which the
+    converter computes in float32 arithmetic), and our importer reads its file to transformers' logits."""
+    import gguf
+    import torch
+    from test_gemma3n import CASES, ours
+
+    model, hf = _hf_gemma3n(tmp_path, **CASES["altup4-share2-sparse"])
+    theirs_path = _llama_cpp_convert(hf, tmp_path / "theirs.gguf")
+    config, params = ours(model)
+    mine_path = save_gguf(tmp_path / "ours.gguf", config, params, Tokenizer.from_file(hf / "tokenizer.model"))
+    rows = [[2, 5, 9, 13, 7, 11, 40, 41, 60, 3, 500, 17, 8, 8, 99, 300]]
+    with torch.no_grad():
+        want = model(torch.tensor(rows)).logits.numpy()
+    got = gemma_jax.load(theirs_path, dtype="float32").logits(rows)
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"\nllama.cpp's converter -> our importer vs transformers: max |diff| / max |logit| {err:.1e}")
+    assert err < 1e-4
+
+    theirs, mine = gguf.GGUFReader(theirs_path), gguf.GGUFReader(mine_path)
+    tensors = lambda r: {t.name: t for t in r.tensors}  # noqa: E731
+    assert sorted(tensors(mine)) == sorted(tensors(theirs))
+    for name, t in tensors(theirs).items():
+        m = tensors(mine)[name]
+        assert (m.tensor_type, list(m.shape)) == (t.tensor_type, list(t.shape)), name
+        assert np.array_equal(m.data.view(np.uint8), t.data.view(np.uint8)), name
+    keys = lambda r: {k: f for k, f in r.fields.items() if k.startswith("gemma3n.")}  # noqa: E731
+    assert sorted(keys(mine)) == sorted(keys(theirs))
+    for key, field in keys(theirs).items():
+        ours_field = keys(mine)[key]
+        assert ours_field.types == field.types, key
+        if key == "gemma3n.activation_sparsity_scale":
+            np.testing.assert_allclose(ours_field.contents(), field.contents(), rtol=1e-6)
+        else:
+            assert ours_field.contents() == field.contents(), key
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores"):  # the converter types user-defined pieces NORMAL, we keep them
+        assert mine.fields[key].contents() == theirs.fields[key].contents(), key
+
+
+def _ggml_gaussian_top_k(x: jax.Array, sparsity: float) -> jax.Array:
+    """llama.cpp's activation sparsity: its fixed multiplier Φ⁻¹(0.95) in float32, the deviation over F - 1."""
+    assert sparsity == 0.95, "llama.cpp runs 0.95 on the first 10 layers, whatever the file says"
+    mean, std = jnp.mean(x, axis=-1, keepdims=True), jnp.std(x, axis=-1, keepdims=True, ddof=1)
+    return jax.nn.relu(x - (mean + std * np.float32(1.6448533535003662)))
+
+
+def _forward_3n(config: Any, params: Any, ids: list[int], *, llama_cpp: bool = False, q8_0: bool = False) -> np.ndarray:
+    """Our Gemma 3n float32 logits [T V]; with `llama_cpp`, in llama.cpp's arithmetic: ggml's GELU, its
+    activation sparsity, and with `q8_0` its activation rounding."""
+    from gemma_jax.models.gemma3n import Transformer as Gemma3n
+    from gemma_jax.models.gemma3n import model as gemma3n_model
+
+    tokens = jnp.asarray([ids], jnp.int32)
+
+    def forward(p: Any) -> jax.Array:
+        return Gemma3n(config).apply({"params": p}, tokens, jnp.arange(len(ids))[None], jnp.ones_like(tokens))[0]
+
+    with pytest.MonkeyPatch.context() as patch:  # a fresh jit traces with the patched functions
+        if llama_cpp:
+            patch.setattr(jax.nn, "gelu", _ggml_gelu)
+            patch.setattr(gemma3n_model, "gaussian_top_k", _ggml_gaussian_top_k)
+        if q8_0:
+            patch.setattr(jnp, "einsum", _ggml_einsum)
+        return np.asarray(jax.jit(forward)(params))[0]
+
+
+# Found with llama-cpp-python 0.3.36 (5 layers, MLP 128, 100 tokens in batches of 16; max |logit diff| / max |logit|):
+#   ours vs transformers: 7.1e-6; f32 file vs ours with llama.cpp's arithmetic: 7.8e-5 (with ggml's GELU
+#   but transformers' sparsity: 4.4e-4); q8_0 file likewise: 1.7e-2; f32 file vs transformers: 7.3e-2, top-1 98%
+#   (the sparsity cutoff, over 5% of 128 units, moves by sqrt(128/127) and so do the kept activations).
+def test_gemma3n_export_matches_llama_cpp(tokenizer, tmp_path):
+    import torch
+    from test_gemma3n import ours
+
+    layers = 5
+    model, _ = _hf_gemma3n(tmp_path, vocab_size=tokenizer.vocab_size, vocab_size_per_layer_input=tokenizer.vocab_size,
+                           num_hidden_layers=layers, altup_num_inputs=4, num_kv_shared_layers=0,
+                           activation_sparsity_pattern=[0.95] * layers, hidden_size_per_layer_input=256, hidden_size=64,
+                           intermediate_size=128, head_dim=32, num_attention_heads=2, num_key_value_heads=1, sliding_window=4)  # fmt: skip
+    config, params = ours(model)
+    ids = _ids(tokenizer, 100)
+    assert len(ids) == 100 and len(ids) > 5 * config.sliding_window
+    llama = lambda path: _llama(path, n_ctx=config.max_position, n_batch=16, f32_cache=True)  # noqa: E731
+    f32 = save_gguf(tmp_path / "f32.gguf", config, params, tokenizer, type="f32")
+    q8 = save_gguf(tmp_path / "q8_0.gguf", config, params, tokenizer, type="q8_0")
+    theirs, theirs_q8 = _llama_logits(llama(f32), ids), _llama_logits(llama(q8), ids)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits.numpy()[0]
+    ours_f32 = _forward_3n(config, params, ids)
+    got = {
+        "ours vs transformers": _compare(ours_f32, want),
+        "f32 vs ours with llama.cpp's arithmetic": _compare(_forward_3n(config, params, ids, llama_cpp=True), theirs),
+        "q8_0 vs ours on its weights, llama.cpp's arithmetic": _compare(
+            _forward_3n(config, load_gguf(q8)[1], ids, llama_cpp=True, q8_0=True), theirs_q8),
+        "f32 vs transformers": _compare(want, theirs),
+    }
+    print(f"\ngemma3n (max |logit| {np.abs(want).max():.1f}), max |logit diff| / max |logit| and top-1 agreement:")
+    for what, (rel, agree) in got.items():
+        print(f"  {what}: {rel:.1e}, {agree:.0%}")
+    assert got["ours vs transformers"][0] < 1e-4
+    assert got["f32 vs ours with llama.cpp's arithmetic"][0] < F32_GGML and got["f32 vs transformers"][1] > 0.9
+    assert got["q8_0 vs ours on its weights, llama.cpp's arithmetic"][0] < Q8_GGML

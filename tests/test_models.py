@@ -66,8 +66,9 @@ def test_schema_is_exactly_what_the_module_creates(name, quant):
 def test_schema_names_are_unique_in_every_format():
     for config in CONFIGS.values():
         specs = family_of(config).tensor_specs(config).values()
-        for key in (lambda s: s.hf_name, lambda s: s.gguf_name, lambda s: s.path):
-            names = [key(s) for s in specs if key(s) is not None]  # None: not in that format (Gemma 3n's AltUp projections in GGUF)
+        gguf = lambda s: (s.gguf_name, s.index) if s.param.gguf_stacked else s.gguf_name  # a stack: one name, its slices
+        for key in (lambda s: s.hf_name, gguf, lambda s: s.path):
+            names = [key(s) for s in specs if key(s) is not None]  # None: not in that format (a classifier's head in GGUF)
             assert len(names) == len(set(names))
 
 

@@ -1,11 +1,13 @@
-"""Read and write GGUF (llama.cpp) Gemma 1/2/3 checkpoints, one tensor at a time (a `TensorSource` each way).
+"""Read and write GGUF (llama.cpp) Gemma 1/2/3 and Gemma 3n checkpoints, one tensor at a time (a `TensorSource` each way).
 
 A GGUF file holds the weights, the hyper-parameters (as metadata keys) and the tokenizer
 (as token/score/type arrays). The conventions below were checked against the real Gemma 3
 270M GGUF (logit parity with `transformers`) and llama.cpp's converter (`convert_hf_to_gguf.py`):
 
 - Names: the model family's schema gives each tensor's GGUF name beside its HF name (the names of
-  gguf's own `TensorNameMap`, which llama.cpp's converter uses); both directions read it.
+  gguf's own `TensorNameMap`, which llama.cpp's converter uses); both directions read it. A row
+  marked `gguf_stacked` (Gemma 3n's AltUp projections) is one GGUF tensor holding the row's "{i}"
+  tensors stacked on axis 0: a read slices it, a write gathers the parts (consecutive in HF order).
 - Layout: GGUF lists dimensions fastest-first (ggml's `ne`); in numpy (C) order a tensor is
   exactly HF's (`[out, in]` for projections, `[V, D]` for the embedding), so `TensorSpec`
   converts it. Gemma's q/k are not permuted (llama.cpp permutes only llama-family RoPE).
@@ -51,7 +53,7 @@ _PIECE = sp_pb2.ModelProto.SentencePiece  # its Type numbers are GGUF's token ty
 
 
 def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = None) -> TensorSource:
-    """Open a llama.cpp GGUF of a Gemma 1/2/3 model (arch gemma, gemma2 or gemma3) for streaming.
+    """Open a llama.cpp GGUF of a Gemma 1/2/3 or Gemma 3n model (arch gemma, gemma2, gemma3, gemma3n) for streaming.
 
     Metadata, names and shapes are all checked first, and any failure is a ValueError naming the
     file. Each read dequantizes one tensor (any type gguf can) from the memory-mapped file to
@@ -65,48 +67,53 @@ def gguf_source(path: str | os.PathLike[str], *, dtype: npt.DTypeLike | None = N
         meta = _metadata(reader)
     except Exception as e:  # GGUFReader signals malformed input with assorted error types
         raise ValueError(f"{file}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+    blocks = meta.get(f"{meta.get('general.architecture')}.block_count")
+    if isinstance(blocks, int):  # before a config builds anything per layer
+        check_layer_count(blocks, len(reader.tensors), file)
     try:
         config = _family_for_arch(meta.get("general.architecture")).gguf.config_from_metadata(meta)
         tokenizer = _tokenizer_from_metadata(meta)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
-    check_layer_count(config, len(reader.tensors), file)
-    specs = _gguf_specs(config)
+    layout = _gguf_tensors(config)
     tensors = {t.name: t for t in reader.tensors}
-    _validate(file, tensors, specs, meta["general.architecture"])
+    _validate(file, tensors, layout, meta["general.architecture"])
     misaligned = [t.name for t in reader.tensors if (t.data_offset - reader.data_offset) % reader.alignment]
     if misaligned:
         raise ValueError(f"{file}: the data of tensor {misaligned[0]} is not aligned to {reader.alignment} bytes, "
                          "as GGUF requires: the file is corrupt")  # fmt: skip
-    names = {spec.hf_name: name for name, spec in specs.items()}
+    names = {spec.hf_name: name for name, parts in layout.items() for spec in parts}
     cast = np.dtype(np.float32 if dtype is None else dtype)
     del reader, meta  # the parsed metadata (the vocabulary: ~0.4 GB of small arrays for Gemma 3) is not needed any more
 
     def read(spec: TensorSpec) -> np.ndarray:
         tensor = tensors[names[spec.hf_name]]
+        data = tensor.data[spec.index] if spec.param.gguf_stacked else tensor.data
         try:
-            x = _dequantize(tensor, np.float32 if _is_norm(spec) else cast)
+            x = _dequantize(data, tensor.tensor_type, np.float32 if _is_norm(spec) else cast)
         except NotImplementedError as e:
             kind = tensor.tensor_type.name
             raise ValueError(f"{file}: tensor {tensor.name} has type {kind}, which gguf cannot dequantize") from e
         return spec.to_ours(x - 1.0 if _is_norm(spec) else x).astype(cast, copy=False)
 
-    return TensorSource(config, {s.path: cast for s in specs.values()}, read, tokenizer.model_proto, origin=str(file))
+    specs = [spec for parts in layout.values() for spec in parts]
+    return TensorSource(config, {s.path: cast for s in specs}, read, tokenizer.model_proto, origin=str(file))
 
 
 _DEQUANTIZE_BLOCK_BYTES = 16 << 20
 
 
-def _dequantize(tensor: gguf.ReaderTensor, dtype: np.dtype) -> np.ndarray:
-    """A tensor's values as a new array of `dtype` (never a view of the file), dequantized in blocks of rows:
-    `gguf.quants.dequantize` holds every row group's float32 result before joining them, twice the tensor."""
-    rows = tensor.data.reshape(-1, tensor.data.shape[-1])
-    width = gguf.quants.dequantize(rows[:1], tensor.tensor_type).shape[-1]
+def _dequantize(data: np.ndarray, qtype: Q, dtype: np.dtype) -> np.ndarray:
+    """Stored values (a tensor's `data`, or a slice of it) as a new array of `dtype` (never a view of the
+    file), dequantized in blocks of rows: `gguf.quants.dequantize` holds every row group's float32 result
+    before joining them, twice the tensor."""
+    rows = data.reshape(-1, data.shape[-1])
+    width = gguf.quants.dequantize(rows[:1], qtype).shape[-1]
     out = _aligned_empty((len(rows), width), dtype)
     step = max(1, _DEQUANTIZE_BLOCK_BYTES // (width * 4))
     for start in range(0, len(rows), step):
-        out[start : start + step] = gguf.quants.dequantize(rows[start : start + step], tensor.tensor_type)
-    return out.reshape(*tensor.data.shape[:-1], width)
+        out[start : start + step] = gguf.quants.dequantize(rows[start : start + step], qtype)
+    return out.reshape(*data.shape[:-1], width)
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, alignment: int = 64) -> np.ndarray:
@@ -157,26 +164,36 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
         raise ValueError(f"GGUF holds causal LMs only; this is a {config.head.task} checkpoint (convert it to hf or orbax)")
     if source.tokenizer is None:
         raise ValueError("GGUF files embed the tokenizer, and the source has no tokenizer.model")
+    source = family.gguf.stored(source)
+    config = source.config
     meta = _metadata_for(family, config, Tokenizer(source.tokenizer), type)
     _check_representable(config, family.gguf.config_from_metadata(meta), meta["general.architecture"])
-    specs = _gguf_specs(config)
-    qtypes = {spec.hf_name: _storage_type(spec, _SAVE[type][0]) for spec in specs.values()}
+    layout = _gguf_tensors(config)
+    shapes = {name: _gguf_shape(parts) for name, parts in layout.items()}
+    qtypes = {name: _storage_type(shape, _SAVE[type][0]) for name, shape in shapes.items()}
+    names = {spec.hf_name: name for name, parts in layout.items() for spec in parts}
 
     writer = gguf.GGUFWriter(None, meta["general.architecture"])
     for key, value in meta.items():
         if key != "general.architecture":  # the writer adds it itself
             _add_kv(writer, key, value)
-    for name, spec in specs.items():  # the same (HF) order the source yields tensors in
-        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(spec.hf_shape, qtypes[spec.hf_name]))
-        writer.add_tensor_info(name, spec.hf_shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[spec.hf_name])
+    for name, shape in shapes.items():  # the same (HF) order the source yields tensors in
+        nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtypes[name]))
+        writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtypes[name])
     with staged_file(dest, overwrite=overwrite) as tmp:
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            parts: list[np.ndarray] = []  # a stacked tensor's parts read so far
             for spec, x in source:
                 x = spec.to_hf(np.asarray(x, np.float32))
-                writer.write_tensor_data(gguf.quants.quantize(x + 1.0 if _is_norm(spec) else x, qtypes[spec.hf_name]))
+                parts.append(x + 1.0 if _is_norm(spec) else x)
+                name = names[spec.hf_name]
+                if len(parts) == len(layout[name]):
+                    data = np.stack(parts) if spec.param.gguf_stacked else parts[0]
+                    writer.write_tensor_data(gguf.quants.quantize(data, qtypes[name]))
+                    parts = []
         finally:
             writer.close()
     return dest
@@ -185,13 +202,25 @@ def write_gguf(path: str | os.PathLike[str], source: TensorSource, *, type: Save
 # --- names, types, validation ----------------------------------------------------------------
 
 
-def _gguf_specs(config: Config) -> dict[str, TensorSpec]:
-    """GGUF tensor name -> spec, from the family's schema."""
+def _gguf_tensors(config: Config) -> dict[str, tuple[TensorSpec, ...]]:
+    """GGUF tensor name -> the specs it holds (one, or a stacked row's, in index order), from the family's schema."""
     specs = family_of(config).tensor_specs(config)
     unnamed = [s.hf_name for s in specs.values() if s.gguf_name is None]
     if unnamed:
         raise ValueError(f"{config.model_type} tensors {listing(unnamed)} have no GGUF name")
-    return {s.gguf_name: s for s in specs.values()}
+    layout: dict[str, list[TensorSpec]] = {}
+    for spec in specs.values():
+        layout.setdefault(spec.gguf_name, []).append(spec)
+    for name, parts in layout.items():  # a schema error, not a file's
+        stacked = parts[0].param.gguf_stacked
+        if [s.index if stacked else None for s in parts] != (list(range(len(parts))) if stacked else [None]):
+            raise AssertionError(f"GGUF tensor {name} is not one tensor nor a stack of indices 0..n-1")
+    return {name: tuple(parts) for name, parts in layout.items()}
+
+
+def _gguf_shape(parts: tuple[TensorSpec, ...]) -> tuple[int, ...]:
+    """A GGUF tensor's shape (numpy order): its spec's HF shape, behind the stack's length if stacked."""
+    return ((len(parts),) if parts[0].param.gguf_stacked else ()) + parts[0].hf_shape
 
 
 def _family_for_arch(arch: Any) -> Family:
@@ -207,28 +236,28 @@ def _is_norm(spec: TensorSpec) -> bool:
     return spec.param.norm == "zero_centred"
 
 
-def _storage_type(spec: TensorSpec, qtype: Q) -> Q:
+def _storage_type(shape: tuple[int, ...], qtype: Q) -> Q:
     """As llama.cpp's converter: 1-D tensors (norms) stay F32, and a matrix whose rows are not
     whole quantisation blocks (ggml quantises along rows) falls back to F16."""
-    if len(spec.hf_shape) == 1:
+    if len(shape) == 1:
         return Q.F32
     block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return Q.F16 if spec.hf_shape[-1] % block else qtype
+    return Q.F16 if shape[-1] % block else qtype
 
 
-def _validate(file: Path, tensors: Mapping[str, Any], specs: Mapping[str, TensorSpec], arch: str) -> None:
-    unexpected = [name for name in tensors if name not in specs]
+def _validate(file: Path, tensors: Mapping[str, Any], layout: Mapping[str, tuple[TensorSpec, ...]], arch: str) -> None:
+    unexpected = [name for name in tensors if name not in layout]
     if unexpected:
         raise ValueError(f"{file}: unexpected tensors for this {arch} model: {listing(unexpected)}")
-    missing = [name for name in specs if name not in tensors]
+    missing = [name for name in layout if name not in tensors]
     if missing:
         raise ValueError(f"{file}: missing tensors {listing(missing)}")
-    for name, spec in specs.items():
-        shape = tuple(int(d) for d in reversed(tensors[name].shape))  # GGUF lists ne (fastest first)
-        if shape != spec.hf_shape:
+    for name, parts in layout.items():
+        shape, expected = tuple(int(d) for d in reversed(tensors[name].shape)), _gguf_shape(parts)  # GGUF lists ne
+        if shape != expected:
             raise ValueError(
                 f"{file}: tensor {name} has shape {list(shape)} ({math.prod(shape)} elements), "
-                f"but the metadata implies {list(spec.hf_shape)} ({math.prod(spec.hf_shape)})"
+                f"but the metadata implies {list(expected)} ({math.prod(expected)})"
             )
 
 

@@ -41,7 +41,9 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """One parameter of a family (one per layer when `path` holds "{i}")."""
+    """One parameter of a family (one per layer when `path` holds "{i}"; `layers` may restrict "{i}" to
+    other indices). Its GGUF tensor is usually one per our tensor; with `gguf_stacked`, one GGUF tensor
+    holds all of the row's "{i}" tensors stacked on axis 0 (GGUF shape `(n,) + hf_shape`)."""
 
     path: str  # our pytree path, "/"-joined: "layer_{i}/attn/q/w"
     shape: str  # our shape in dimension letters: "N H D"
@@ -55,10 +57,15 @@ class Param:
     smooth_from: str | None = None  # SmoothQuant: the path of the RMSNorm scale that feeds this projection
     when: str | None = None  # a predicate in the family's `when` table: the row exists only where it holds
     layers: str | None = None  # a predicate over (config, layer) in `when`: which layers hold it (None: all)
+    # GGUF holds this row's "{i}" tensors as one, stacked on a new first axis in index order (llama.cpp's
+    # AltUp projections): `gguf` then names that tensor and has no "{i}".
+    gguf_stacked: bool = False
 
     def __post_init__(self) -> None:
         if len(self.axes) != len(self.shape.split()):
             raise ValueError(f"{self.path}: {len(self.axes)} axes for shape {self.shape!r}")
+        if self.gguf_stacked and ("{i}" not in self.path or self.gguf is None or "{i}" in self.gguf):
+            raise ValueError(f"{self.path}: a stacked GGUF tensor needs an indexed path and one GGUF name without {{i}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +77,7 @@ class TensorSpec:
     hf_shape: tuple[int, ...]
     shape: tuple[int, ...]
     param: Param
+    index: int | None = None  # the row's "{i}" (a layer, or e.g. an AltUp stream)
 
     @property
     def linear(self) -> bool:
@@ -77,7 +85,7 @@ class TensorSpec:
 
     @property
     def gguf_name(self) -> str | None:
-        return None if self.param.gguf is None else self.param.gguf.format(i=self.layer)
+        return None if self.param.gguf is None else self.param.gguf.format(i=self.index)
 
     @property
     def layer(self) -> int | None:
@@ -106,7 +114,7 @@ class Family:
     dims: Callable[[Config, int | None], dict[str, int]]  # dimension letter -> size, for a layer (None: model-wide)
     hf_unused: Callable[[Config, str], bool] | None = None  # HF tensors a checkpoint may hold that the model never reads
     hf_text_prefix: str | None = None  # a multimodal checkpoint's text stack (its config.json has `text_config`)
-    gguf: Any = None  # its GGUF metadata module (ARCHS, config_from_metadata, metadata_for), if llama.cpp runs it
+    gguf: Any = None  # its GGUF module (ARCHS, config_from_metadata, metadata_for, stored), if llama.cpp runs it
     google: Any = None  # its gemma-library checkpoint recipe module, if Google released it that way
 
     def tensor_specs(self, config: Config) -> dict[str, TensorSpec]:
@@ -156,7 +164,7 @@ def _tensor_specs(family: Family, config: Config) -> dict[str, TensorSpec]:
                 continue
             dims = family.dims(config, i)
             path = tuple(param.path.format(i=i).split("/"))
-            specs.append(TensorSpec(param.hf.format(i=i), path, shape_of(param.hf_shape, dims), shape_of(param.shape, dims), param))
+            specs.append(TensorSpec(param.hf.format(i=i), path, shape_of(param.hf_shape, dims), shape_of(param.shape, dims), param, i))
     # HF's order: model-wide rows listed before the first per-layer row (the embeddings), then layer by
     # layer, then the other model-wide rows; stable, so schema order within a layer.
     first = next(n for n, p in enumerate(family.schema) if "{i}" in p.path)
@@ -207,14 +215,15 @@ def listing(items: Iterable[str], limit: int = 5) -> str:
     return ", ".join(items[:limit]) + more
 
 
-def check_layer_count(config: Config, stored: int, where: object) -> None:
+def check_layer_count(config: Config | int, stored: int, where: object) -> None:
     """Refuse a config with more layers than the checkpoint stores tensors, before anything is built per layer.
 
     The layer count comes from a header: four edited bytes can make it 10^9, and the tables built
     per layer (ours, gguf's name map) would then fill the memory. Every layer has several tensors,
     so a true config never has more layers than its checkpoint has tensors; smaller mismatches are
-    then reported tensor by tensor.
+    then reported tensor by tensor. `config` may be the layer count itself, to check it before a config is built.
     """
-    if config.num_layers > stored:
-        raise ValueError(f"{where}: the config says {config.num_layers} layers, "
+    layers = config if isinstance(config, int) else config.num_layers
+    if layers > stored:
+        raise ValueError(f"{where}: the config says {layers} layers, "
                          f"but the checkpoint holds only {stored} tensors")  # fmt: skip

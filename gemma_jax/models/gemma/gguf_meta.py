@@ -8,7 +8,7 @@ every 2nd layer global; Gemma 3: every 6th), Gemma 3's local RoPE base (10000), 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -37,11 +37,9 @@ def f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
-    """The config llama.cpp would run for this metadata (its defaults where a key is absent)."""
-    arch = meta.get("general.architecture")
-    if arch not in _MODEL_TYPE:
-        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(_MODEL_TYPE)}")
+def arch_keys(meta: Mapping[str, Any], arch: str) -> Callable[..., Any]:
+    """get(name, default) -> the value of `{arch}.{name}`, or `default` where absent; without a default a
+    missing key is a ValueError naming it."""
 
     def get(name: str, default: Any = _REQUIRED) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -49,6 +47,16 @@ def config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
             raise ValueError(f"metadata lacks {arch}.{name}")
         return value
 
+    return get
+
+
+def config_from_metadata(meta: Mapping[str, Any]) -> GemmaConfig:
+    """The config llama.cpp would run for this metadata (its defaults where a key is absent)."""
+    arch = meta.get("general.architecture")
+    if arch not in _MODEL_TYPE:
+        raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(_MODEL_TYPE)}")
+
+    get = arch_keys(meta, arch)
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError("metadata has no tokenizer (tokenizer.ggml.tokens)")
     scaling, factor = get("rope.scaling.type", "none"), get("rope.scaling.factor", 1.0)
@@ -115,3 +123,8 @@ def metadata_for(config: GemmaConfig) -> dict[str, Any]:
     if config.rope_scale != 1.0:
         meta |= {f"{arch}.rope.scaling.type": "linear", f"{arch}.rope.scaling.factor": f32(config.rope_scale)}
     return meta
+
+
+def stored(source: Any) -> Any:
+    """The `TensorSource` GGUF stores for `source`: the same (every Gemma tensor has a GGUF tensor of its shape)."""
+    return source

@@ -111,11 +111,11 @@ SCHEMA: tuple[Param, ...] = (
     _linear("layer_{i}/ple_proj/w", "D P", ("embed", "per_layer"), _HF + "per_layer_projection.weight", "D P", _BLK + "proj"),
     _norm("layer_{i}/post_ple_norm/scale", _HF + "post_per_layer_input_norm.weight", _BLK + "post_norm"),
     # --- model-wide, after the layers: AltUp's stream projections ("{i}": the extra stream), the final norm.
-    # GGUF stacks each set into one tensor ("altup_proj", "altup_unembd_proj"): no per-stream name.
-    _linear("altup_proj_{i}/w", "D D", ("embed", "embed"), "model.altup_projections.{i}.weight", "D D", None,
-            layers="altup_extra_stream"),
-    _linear("altup_unembed_{i}/w", "D D", ("embed", "embed"), "model.altup_unembed_projections.{i}.weight", "D D", None,
-            layers="altup_extra_stream"),
+    # GGUF stacks each set into one tensor [A-1, D, D], stream by stream.
+    _linear("altup_proj_{i}/w", "D D", ("embed", "embed"), "model.altup_projections.{i}.weight", "D D", "altup_proj",
+            layers="altup_extra_stream", gguf_stacked=True),
+    _linear("altup_unembed_{i}/w", "D D", ("embed", "embed"), "model.altup_unembed_projections.{i}.weight", "D D",
+            "altup_unembd_proj", layers="altup_extra_stream", gguf_stacked=True),
     _norm("final_norm/scale", "model.norm.weight", "output_norm"),
 )
 # fmt: on
