@@ -109,7 +109,6 @@ class Engine:
         dense = jax.eval_shape(lambda: model.runtime.init_cache(1, max_len))
         self.widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
         self.capacity = {w: pool_pages(w, max_len, page_size, kv_tokens, self.slots) for w in set(self.widths.values())}
-        self._dense = dense
         self.reset()
 
     def reset(self) -> None:
@@ -119,7 +118,7 @@ class Engine:
         self.settings = self._settings([], self.slots)
         self.free_pages = {w: list(range(1, n)) for w, n in self.capacity.items()}  # lowest first
         self.tables = {w: np.zeros((self.slots, w), np.int32) for w in self.capacity}
-        capacity = tuple(sorted((name, self.capacity[w]) for name, w in self.widths.items()))
+        capacity = tuple(sorted(self.capacity.items()))
         self.state = _empty_state(self.slots, self.max_len, self.page_size, capacity, runtime=self.model.runtime)
         self._tables_changed = True
 
@@ -275,11 +274,9 @@ def _take(queue: Iterator[Request], n: int) -> list[Request]:
 
 @functools.partial(jax.jit, static_argnames=("slots", "max_len", "page_size", "capacity", "runtime"))
 def _empty_state(slots: int, max_len: int, page_size: int, capacity: tuple, runtime: Runtime) -> DecodeState:
-    """Every slot empty (done), over a paged cache whose layer `name` has a pool of `dict(capacity)[name]` pages."""
+    """Every slot empty (done), over a paged cache whose layers with tables `w` wide have `dict(capacity)[w]` pages."""
     dense = jax.eval_shape(lambda: runtime.init_cache(1, max_len))
-    widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
-    pages = {widths[name]: n for name, n in capacity}
-    cache = paged_cache(dense, max_len, page_size, pages, slots, runtime.layout)
+    cache = paged_cache(dense, max_len, page_size, dict(capacity), slots, runtime.layout)
     zeros = jnp.zeros(slots, jnp.int32)
     return _pin(runtime, DecodeState(cache, zeros, zeros, zeros, jnp.ones(slots, bool), jnp.zeros(slots, bool),
                                      jnp.zeros((slots, 2), jnp.uint32)))  # fmt: skip
@@ -287,6 +284,7 @@ def _empty_state(slots: int, max_len: int, page_size: int, capacity: tuple, runt
 
 @functools.partial(jax.jit, static_argnames=("runtime",), donate_argnames=("state",))
 def _pin_state(state: DecodeState, runtime: Runtime) -> DecodeState:
+    """The state laid out as `_decode` expects it (new host tables placed like the rest of the cache)."""
     return _pin(runtime, state)
 
 

@@ -45,10 +45,11 @@ def _dense_attention(q, k, v, k_pos, position, window, soft_cap):
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_decode_attention_over_filled_blocks_equals_the_dense_softmax(window, paged, monkeypatch):
     """Rows at different positions (one far past the window, one short), blocks of 8 keys: the online
-    softmax over filled blocks equals the softmax over every key, capped logits included."""
+    softmax over filled blocks equals the softmax over every key, capped logits included (60 slots: the last
+    block of 8 overlaps the one before)."""
     monkeypatch.setattr("gemma_jax.models.kv_cache.DECODE_BLOCK", 8)
-    B, K, G, H, max_len, page = 3, 2, 2, 16, 64, 4
-    position = jnp.array([40, 3, 21])
+    B, K, G, H, max_len, page = 3, 2, 2, 16, 60, 4
+    position = jnp.array([58, 3, 21])
     rng = np.random.RandomState(0)
     k, v = (jnp.asarray(rng.randn(B, max_len, K, H).astype(np.float32) * 3) for _ in range(2))
     q = jnp.asarray(rng.randn(B, K, G, H).astype(np.float32) * 3)
