@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from gemma_jax.kernels import Kernels
 from gemma_jax.models import Config, build, family_of
-from gemma_jax.sharding import Layout
+from gemma_jax.models.family import LAYERS
+from gemma_jax.sharding import Layout, tree_shardings
 
 KV_CACHES = ("float", "int8")
 
@@ -67,8 +68,15 @@ class Runtime:
         return family_of(self.config).init_cache(self.config, batch, max_len, dtype, self.layout, **scan)
 
     def layered(self, params: dict) -> dict:
-        """`params` (per layer, as loaded) in this runtime's layout: stacked when it scans (see `Family.stack_layers`)."""
-        return family_of(self.config).stack_layers(self.config, params) if self.scan else params
+        """`params` (per layer, as loaded; consumed) in this runtime's layout: stacked when it scans (see
+        `Family.stack_layers`), each stacked weight split over the runtime's mesh like its layers."""
+        family = family_of(self.config)
+        if not self.scan or LAYERS in params:
+            return params
+        params = family.stack_layers(self.config, params)
+        if self.layout is None:
+            return params
+        return jax.device_put(params, tree_shardings(self.layout, family.param_axes(self.config, self.quant, scan=True), params))
 
     def constrain(self, x: jax.Array, axes) -> jax.Array:
         return self.kernels.constrain(x, axes)
