@@ -60,7 +60,7 @@ class Gemma:
         layout: Layout | None = None,
         quant: str | None = None,
         kv_cache: str = "float",
-        scan: bool = True,
+        scan: bool = False,
     ):
         self.config = config
         self.tokenizer = tokenizer
@@ -231,7 +231,7 @@ def load(
     quant: str | None = None,
     verify: bool = True,
     kv_cache: str = "float",
-    scan: bool = True,
+    scan: bool = False,
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
     one of our Orbax directories, any other format `gemma-jax convert` reads, or a name:

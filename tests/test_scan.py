@@ -3,6 +3,9 @@ layer pattern (with a remainder that does not fill a period), int8 and sharded; 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +18,10 @@ from gemma_jax.checkpoint.orbax import save_orbax
 from gemma_jax.checkpoint.source import params_source
 from gemma_jax.models import family_of
 from gemma_jax.models.family import LAYERS
-from gemma_jax.sharding import make_mesh
+from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place
+from gemma_jax.train.config import TrainConfig
+from gemma_jax.train.data import Batches, load_rows
+from gemma_jax.train.step import StepSpec, compiled
 
 ROWS = [list(range(2, 30)), [2, 7, 9]]
 PROMPTS = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47], [2, 9]]
@@ -35,6 +41,14 @@ def checkpoint(request, hf_checkpoint):
     return hf_checkpoint(model_type, seed=8, weight_scale=1.5, post_norm_offset=10.0, **overrides)[1]
 
 
+@pytest.fixture(scope="module")
+def gemma3(hf_checkpoint):
+    """The Gemma 3 pattern with a remainder: (checkpoint, the unrolled model)."""
+    model_type, overrides = PATTERNS["gemma3"]
+    path = hf_checkpoint(model_type, seed=8, weight_scale=1.5, post_norm_offset=10.0, **overrides)[1]
+    return path, gemma_jax.load(path, dtype="float32", scan=False)
+
+
 def close(got, want):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
@@ -51,17 +65,16 @@ def test_scanned_logits_and_greedy_tokens_equal_unrolled(checkpoint):
     assert scanned.generate(PROMPTS, max_new_tokens=20) == unrolled.generate(PROMPTS, max_new_tokens=20)
 
 
-@pytest.mark.parametrize("kv_cache", ["float", "int8"])
-def test_scanned_int8_params_and_cache_equal_unrolled(checkpoint, kv_cache):
-    load = lambda scan: gemma_jax.load(checkpoint, dtype="float32", quant="w8a16", kv_cache=kv_cache, scan=scan)
+def test_scanned_int8_params_and_cache_equal_unrolled(gemma3):
+    load = lambda scan: gemma_jax.load(gemma3[0], dtype="float32", quant="w8a16", kv_cache="int8", scan=scan)
     unrolled, scanned = load(False), load(True)
     assert scanned.params[LAYERS]["block_0"]["mlp"]["gate"]["w"].dtype == jnp.int8
     close(scanned.logits(ROWS), unrolled.logits(ROWS))
     assert scanned.generate(PROMPTS, max_new_tokens=12) == unrolled.generate(PROMPTS, max_new_tokens=12)
 
 
-def test_scanned_sharded_equals_unrolled_single_device(checkpoint):
-    unrolled = gemma_jax.load(checkpoint, dtype="float32", scan=False)
+def test_scanned_sharded_equals_unrolled_single_device(gemma3):
+    checkpoint, unrolled = gemma3
     sharded = gemma_jax.load(checkpoint, dtype="float32", mesh=make_mesh("fsdp=2,tensor=4"))
     gate = sharded.params[LAYERS]["block_0"]["mlp"]["gate"]["w"]  # [layers F D]: F split over tensor, layers whole
     assert {s.data.shape for s in gate.addressable_shards} == {(gate.shape[0], gate.shape[1] // 4, gate.shape[2])}
@@ -69,8 +82,9 @@ def test_scanned_sharded_equals_unrolled_single_device(checkpoint):
     assert sharded.generate(PROMPTS, max_new_tokens=12) == unrolled.generate(PROMPTS, max_new_tokens=12)
 
 
-def test_checkpoints_stay_per_layer(checkpoint, tmp_path, monkeypatch):
+def test_checkpoints_stay_per_layer(gemma3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    checkpoint, unrolled = gemma3
     scanned = gemma_jax.load(checkpoint, dtype="float32")
     # saved from the stacked tree: the same per-layer tensors, bit for bit
     save_hf("saved", scanned.config, scanned.params)
@@ -79,13 +93,12 @@ def test_checkpoints_stay_per_layer(checkpoint, tmp_path, monkeypatch):
     for name, x in original.items():
         np.testing.assert_array_equal(saved[name], x, err_msg=name)
     # an Orbax checkpoint written per layer (by the unrolled model, as before scanning existed) loads scanned
-    unrolled = gemma_jax.load(checkpoint, dtype="float32", scan=False)
     save_orbax(tmp_path / "orbax", params_source(unrolled.config, unrolled.params))
     close(gemma_jax.load(tmp_path / "orbax", dtype="float32").logits(ROWS), unrolled.logits(ROWS))
 
 
-def test_stack_then_unstack_is_the_identity(checkpoint):
-    unrolled = gemma_jax.load(checkpoint, dtype="float32", scan=False)
+def test_stack_then_unstack_is_the_identity(gemma3):
+    unrolled = gemma3[1]
     family, config = family_of(unrolled.config), unrolled.config
     copy = jax.tree.map(lambda x: x, unrolled.params)
     stacked = family.stack_layers(config, copy)
@@ -93,3 +106,32 @@ def test_stack_then_unstack_is_the_identity(checkpoint):
     back = family.unstack_layers(config, stacked)
     assert jax.tree.structure(back) == jax.tree.structure(unrolled.params)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), back, unrolled.params)))
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_scanned_training_step_equals_unrolled(text_checkpoint, tmp_path, lora_rank):
+    """One step of full fine-tuning, or of LoRA (adapters stacked like the layers), with block remat on 2 devices."""
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The quick brown fox jumps.", "Free software."] * 4))
+    model = gemma_jax.load(text_checkpoint[1], dtype="float32", scan=False)
+    cfg = TrainConfig(ckpt=str(text_checkpoint[1]), data=str(corpus), out=str(tmp_path / "out"), steps=2, seq_len=32,
+                      batch_size=4, grad_accum=2, mesh="fsdp=2", remat="block", lora_rank=lora_rank,
+                      lora_targets=("q", "v", "down"), learning_rate=1e-2, warmup_steps=0)  # fmt: skip
+    layout = Layout(make_mesh(cfg.mesh, devices=jax.devices()[:2]), RULE_SETS["training"])
+    batches = Batches(load_rows(cfg.data, model.tokenizer, cfg.seq_len), cfg.batch_size, seed=(0, 0))
+    results = {}
+    for scan in (False, True):
+        spec = StepSpec.create(dataclasses.replace(cfg, scan=scan), model.config, layout)
+        fns = compiled(spec)
+        params = spec.layered(jax.tree.map(jnp.copy, model.params))
+        if lora_rank:
+            frozen, state = jax.device_put(params, fns.frozen), fns.fresh_state(None, cfg.seed)
+        else:
+            frozen, state = {}, fns.fresh_state(jax.device_put(params, fns.state["params"]), cfg.seed)
+        batch = {k: place(v.reshape(cfg.grad_accum, cfg.micro_batch, -1), fns.batch[k]) for k, v in batches(0).items()}
+        state, metrics = fns.train(state, frozen, batch)
+        assert (LAYERS in state["params"]) == scan
+        results[scan] = float(metrics["loss"]), family_of(model.config).unstack_layers(model.config, state["params"])
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
+    for want, got in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
+        close(np.asarray(got), np.asarray(want))

@@ -141,13 +141,15 @@ class Family:
         period = first // periods
         return ((LAYERS, f"block_{i % period}", *path[1:]), i // period) if i < first else None
 
-    def stack_layers(self, config: Config, tree: dict) -> dict:
+    def stack_layers(self, config: Config, tree: dict, stack: Callable[[list], Any] | None = None) -> dict:
         """A per-layer tree ("layer_{i}" entries: params, int8 params, LoRA factors) in a scanned model's
         layout; a tree already stacked, or of a family that does not scan, is returned as it is.
 
         This and `stacked_at` are the one place that maps between the two layouts: checkpoints stay per layer.
         Each stacked leaf is built and the per-layer leaves it replaces are dropped before the next, so memory
         peaks at the model plus one stacked leaf (`tree` is emptied of the stacked layers' entries on the way).
+        `stack` makes a stacked leaf from the layers' leaves in order (default: `jnp.stack`; `stacked_axes` for
+        trees of logical axes).
         """
         if LAYERS in tree or not self.scans(config):
             return tree
@@ -160,7 +162,7 @@ class Family:
                 groups.setdefault(where[0], []).append((where[1], path))
         out = {}
         for stacked, members in groups.items():
-            set_path(out, stacked, jax.numpy.stack([flat.pop(path) for _, path in sorted(members)]))
+            set_path(out, stacked, (stack or jax.numpy.stack)([flat.pop(path) for _, path in sorted(members)]))
         for path, leaf in flat.items():
             set_path(out, path, leaf)
         return out
@@ -197,6 +199,11 @@ class Family:
         tokens = np.zeros((1, 1), np.int32)
         module = self.module(config, param_dtype=param_dtype, quant=quant, **({"scan": True} if scan else {}))
         return module.init(rng, tokens, tokens, tokens + 1)["params"]
+
+
+def stacked_axes(layers: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The logical axes of a stacked leaf: the `LAYERS` axis, then a layer's (a `stack` for `Family.stack_layers`)."""
+    return (LAYERS, *layers[0])
 
 
 @dataclasses.dataclass(frozen=True)
