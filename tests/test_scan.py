@@ -1,4 +1,4 @@
-"""Scanned layers (`load(..., scan=True)`): the same logits and greedy tokens as the unrolled model, for every
+"""Scanned layers (`load(..., scan=True)`, `scan=true` in training): the same logits and greedy tokens as the unrolled model, for every
 layer pattern (with a remainder that does not fill a period), int8 and sharded; checkpoints stay per layer."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.data import Batches, load_rows
 from gemma_jax.train.step import StepSpec, compiled
+from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test module
 
 ROWS = [list(range(2, 30)), [2, 7, 9]]
 PROMPTS = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47], [2, 9]]
@@ -46,7 +47,7 @@ def gemma3(hf_checkpoint):
     """The Gemma 3 pattern with a remainder: (checkpoint, the unrolled model)."""
     model_type, overrides = PATTERNS["gemma3"]
     path = hf_checkpoint(model_type, seed=8, weight_scale=1.5, post_norm_offset=10.0, **overrides)[1]
-    return path, gemma_jax.load(path, dtype="float32", scan=False)
+    return path, gemma_jax.load(path, dtype="float32")
 
 
 def close(got, want):
@@ -54,7 +55,7 @@ def close(got, want):
 
 
 def test_scanned_logits_and_greedy_tokens_equal_unrolled(checkpoint):
-    unrolled, scanned = gemma_jax.load(checkpoint, dtype="float32", scan=False), gemma_jax.load(checkpoint, dtype="float32")
+    unrolled, scanned = gemma_jax.load(checkpoint, dtype="float32"), gemma_jax.load(checkpoint, dtype="float32", scan=True)
     assert scanned.runtime.scan and not unrolled.runtime.scan
     periods, first = family_of(scanned.config).scanned_layers(scanned.config)
     assert periods >= 2 and first == periods * len(scanned.config.layer_pattern)
@@ -75,7 +76,7 @@ def test_scanned_int8_params_and_cache_equal_unrolled(gemma3):
 
 def test_scanned_sharded_equals_unrolled_single_device(gemma3):
     checkpoint, unrolled = gemma3
-    sharded = gemma_jax.load(checkpoint, dtype="float32", mesh=make_mesh("fsdp=2,tensor=4"))
+    sharded = gemma_jax.load(checkpoint, dtype="float32", mesh=make_mesh("fsdp=2,tensor=4"), scan=True)
     gate = sharded.params[LAYERS]["block_0"]["mlp"]["gate"]["w"]  # [layers F D]: F split over tensor, layers whole
     assert {s.data.shape for s in gate.addressable_shards} == {(gate.shape[0], gate.shape[1] // 4, gate.shape[2])}
     close(sharded.logits(ROWS), unrolled.logits(ROWS))
@@ -85,7 +86,7 @@ def test_scanned_sharded_equals_unrolled_single_device(gemma3):
 def test_checkpoints_stay_per_layer(gemma3, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     checkpoint, unrolled = gemma3
-    scanned = gemma_jax.load(checkpoint, dtype="float32")
+    scanned = gemma_jax.load(checkpoint, dtype="float32", scan=True)
     # saved from the stacked tree: the same per-layer tensors, bit for bit
     save_hf("saved", scanned.config, scanned.params)
     original, saved = load_file(checkpoint / "model.safetensors"), load_file("saved/model.safetensors")
@@ -94,7 +95,7 @@ def test_checkpoints_stay_per_layer(gemma3, tmp_path, monkeypatch):
         np.testing.assert_array_equal(saved[name], x, err_msg=name)
     # an Orbax checkpoint written per layer (by the unrolled model, as before scanning existed) loads scanned
     save_orbax(tmp_path / "orbax", params_source(unrolled.config, unrolled.params))
-    close(gemma_jax.load(tmp_path / "orbax", dtype="float32").logits(ROWS), unrolled.logits(ROWS))
+    close(gemma_jax.load(tmp_path / "orbax", dtype="float32", scan=True).logits(ROWS), unrolled.logits(ROWS))
 
 
 def test_stack_then_unstack_is_the_identity(gemma3):
@@ -113,7 +114,7 @@ def test_scanned_training_step_equals_unrolled(text_checkpoint, tmp_path, lora_r
     """One step of full fine-tuning, or of LoRA (adapters stacked like the layers), with block remat on 2 devices."""
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The quick brown fox jumps.", "Free software."] * 4))
-    model = gemma_jax.load(text_checkpoint[1], dtype="float32", scan=False)
+    model = gemma_jax.load(text_checkpoint[1], dtype="float32")
     cfg = TrainConfig(ckpt=str(text_checkpoint[1]), data=str(corpus), out=str(tmp_path / "out"), steps=2, seq_len=32,
                       batch_size=4, grad_accum=2, mesh="fsdp=2", remat="block", lora_rank=lora_rank,
                       lora_targets=("q", "v", "down"), learning_rate=1e-2, warmup_steps=0)  # fmt: skip
@@ -135,3 +136,11 @@ def test_scanned_training_step_equals_unrolled(text_checkpoint, tmp_path, lora_r
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
     for want, got in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
         close(np.asarray(got), np.asarray(want))
+
+
+def test_a_family_that_does_not_scan_runs_unrolled(tmp_path):
+    """Gemma 3n (per-layer shapes, KV sharing) has no scanned layout: asked to scan, it runs as before."""
+    make_gemma3n(**CASES["altup4-share2-sparse"]).save_pretrained(tmp_path)
+    unrolled, asked = gemma_jax.load(tmp_path, dtype="float32"), gemma_jax.load(tmp_path, dtype="float32", scan=True)
+    assert not asked.runtime.scan and LAYERS not in asked.params
+    np.testing.assert_array_equal(asked.logits(ROWS), unrolled.logits(ROWS))
