@@ -25,7 +25,7 @@ from gemma_jax.train.step import StepSpec, compiled
 from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test module
 
 ROWS = [list(range(2, 30)), [2, 7, 9]]
-PROMPTS = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47], [2, 9]]
+PROMPTS = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47]]
 # (model type, overrides): Gemma 1 (period 1), Gemma 2 (local/global pairs: 2 periods + 1 layer unrolled),
 # Gemma 3 (local, local, global: 2 periods + 1 layer unrolled).
 PATTERNS = {
@@ -62,8 +62,8 @@ def test_scanned_logits_and_greedy_tokens_equal_unrolled(checkpoint):
     assert all(leaf.shape[0] == periods for leaf in jax.tree.leaves(scanned.params[LAYERS]))
     assert ("layer_0" in scanned.params) is False and (f"layer_{first}" in scanned.params) == (first < scanned.config.num_layers)
     close(scanned.logits(ROWS), unrolled.logits(ROWS))
-    # prefill + decode through the stacked cache (the Gemma 2/3 windows of 8 wrap during the 20 steps)
-    assert scanned.generate(PROMPTS, max_new_tokens=20) == unrolled.generate(PROMPTS, max_new_tokens=20)
+    # prefill + decode through the stacked cache (the Gemma 2/3 windows of 8 wrap during the 12 steps)
+    assert scanned.generate(PROMPTS, max_new_tokens=12) == unrolled.generate(PROMPTS, max_new_tokens=12)
 
 
 def test_scanned_int8_params_and_cache_equal_unrolled(gemma3):
