@@ -18,10 +18,9 @@ from gemma_jax.checkpoint.orbax import save_orbax
 from gemma_jax.checkpoint.source import params_source
 from gemma_jax.models import family_of
 from gemma_jax.models.family import LAYERS
-from gemma_jax.sharding import RULE_SETS, Layout, make_mesh, place
+from gemma_jax.sharding import make_mesh
 from gemma_jax.train.config import TrainConfig
-from gemma_jax.train.data import Batches, load_rows
-from gemma_jax.train.step import StepSpec, compiled
+from gemma_jax.train.run import finetune
 from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test module
 
 ROWS = [list(range(2, 30)), [2, 7, 9]]
@@ -110,32 +109,22 @@ def test_stack_then_unstack_is_the_identity(gemma3):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_scanned_training_step_equals_unrolled(text_checkpoint, tmp_path, lora_rank):
-    """One step of full fine-tuning, or of LoRA (adapters stacked like the layers), with block remat on 2 devices."""
+def test_scanned_fine_tuning_equals_unrolled_and_exports_per_layer(text_checkpoint, tmp_path, lora_rank):
+    """Two steps of full fine-tuning, or of LoRA (adapters stacked like the layers), with block remat on 2 devices:
+    the same losses, and the exported checkpoint holds the same per-layer tensors."""
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The quick brown fox jumps.", "Free software."] * 4))
-    model = gemma_jax.load(text_checkpoint[1], dtype="float32")
-    cfg = TrainConfig(ckpt=str(text_checkpoint[1]), data=str(corpus), out=str(tmp_path / "out"), steps=2, seq_len=32,
-                      batch_size=4, grad_accum=2, mesh="fsdp=2", remat="block", lora_rank=lora_rank,
-                      lora_targets=("q", "v", "down"), learning_rate=1e-2, warmup_steps=0)  # fmt: skip
-    layout = Layout(make_mesh(cfg.mesh, devices=jax.devices()[:2]), RULE_SETS["training"])
-    batches = Batches(load_rows(cfg.data, model.tokenizer, cfg.seq_len), cfg.batch_size, seed=(0, 0))
-    results = {}
-    for scan in (False, True):
-        spec = StepSpec.create(dataclasses.replace(cfg, scan=scan), model.config, layout)
-        fns = compiled(spec)
-        params = spec.layered(jax.tree.map(jnp.copy, model.params))
-        if lora_rank:
-            frozen, state = jax.device_put(params, fns.frozen), fns.fresh_state(None, cfg.seed)
-        else:
-            frozen, state = {}, fns.fresh_state(jax.device_put(params, fns.state["params"]), cfg.seed)
-        batch = {k: place(v.reshape(cfg.grad_accum, cfg.micro_batch, -1), fns.batch[k]) for k, v in batches(0).items()}
-        state, metrics = fns.train(state, frozen, batch)
-        assert (LAYERS in state["params"]) == scan
-        results[scan] = float(metrics["loss"]), family_of(model.config).unstack_layers(model.config, state["params"])
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-6)
-    for want, got in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
-        close(np.asarray(got), np.asarray(want))
+    cfg = TrainConfig(ckpt=str(text_checkpoint[1]), data=str(corpus), out="", steps=2, seq_len=32, batch_size=4,
+                      grad_accum=2, mesh="fsdp=2", remat="block", lora_rank=lora_rank, lora_targets=("q", "v", "down"),
+                      learning_rate=1e-2, warmup_steps=0, export=("hf",), export_dtype="float32")  # fmt: skip
+    runs = {scan: finetune(dataclasses.replace(cfg, scan=scan, out=str(tmp_path / f"scan={scan}")), devices=jax.devices()[:2],
+                           progress=False) for scan in (False, True)}  # fmt: skip
+    assert (LAYERS in runs[True].params) and LAYERS not in runs[False].params
+    np.testing.assert_allclose(list(runs[True].losses.values()), list(runs[False].losses.values()), rtol=1e-5)
+    want, got = (load_file(runs[scan].export["hf"] / "model.safetensors") for scan in (False, True))
+    assert sorted(got) == sorted(want)
+    for name in want:
+        close(got[name], want[name])
 
 
 def test_a_family_that_does_not_scan_runs_unrolled(tmp_path):
