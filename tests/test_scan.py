@@ -16,8 +16,10 @@ import gemma_jax
 from gemma_jax.checkpoint.hf import save_hf
 from gemma_jax.checkpoint.orbax import save_orbax
 from gemma_jax.checkpoint.source import params_source
+from gemma_jax.engine import Engine
 from gemma_jax.models import family_of
 from gemma_jax.models.family import LAYERS
+from gemma_jax.sampling import Sampler
 from gemma_jax.sharding import make_mesh
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.run import finetune
@@ -63,6 +65,11 @@ def test_scanned_logits_and_greedy_tokens_equal_unrolled(checkpoint):
     close(scanned.logits(ROWS), unrolled.logits(ROWS))
     # prefill + decode through the stacked cache (the Gemma 2/3 windows of 8 wrap during the 12 steps)
     assert scanned.generate(PROMPTS, max_new_tokens=12) == unrolled.generate(PROMPTS, max_new_tokens=12)
+
+
+def test_the_paged_engine_refuses_a_scanned_model(gemma3):
+    with pytest.raises(ValueError, match="the paged engine runs unrolled models: load the model with scan=False"):
+        Engine(gemma_jax.load(gemma3[0], dtype="float32", scan=True), slots=2, max_len=32, sampler=Sampler())
 
 
 def test_scanned_int8_params_and_cache_equal_unrolled(gemma3):
