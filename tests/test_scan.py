@@ -140,3 +140,13 @@ def test_a_family_that_does_not_scan_runs_unrolled(tmp_path):
     unrolled, asked = gemma_jax.load(tmp_path, dtype="float32"), gemma_jax.load(tmp_path, dtype="float32", scan=True)
     assert not asked.runtime.scan and LAYERS not in asked.params
     np.testing.assert_array_equal(asked.logits(ROWS), unrolled.logits(ROWS))
+
+
+def test_generate_command_with_scan_prints_the_same_text(text_checkpoint, capsys):
+    from gemma_jax.cli import main
+
+    args = ["generate", "--ckpt", str(text_checkpoint[1]), "--prompt", "The licence", "--max-new-tokens", "6", "--no-compile-cache"]
+    main(args)
+    unrolled = capsys.readouterr().out
+    main([*args, "--scan"])
+    assert capsys.readouterr().out == unrolled and unrolled.strip()
