@@ -23,7 +23,9 @@ from gemma_jax.sampling import Sampler
 from gemma_jax.sharding import make_mesh
 from gemma_jax.train.config import TrainConfig
 from gemma_jax.train.run import finetune
-from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test module
+from gemma_jax.models.heads import SEQUENCE
+from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test modules
+from test_heads import make_classifier
 
 ROWS = [list(range(2, 30)), [2, 7, 9]]
 PROMPTS = [[2, 5, 17, 33], [2, 40, 41, 42, 43, 44, 45, 46, 47]]
@@ -150,3 +152,11 @@ def test_generate_command_with_scan_prints_the_same_text(text_checkpoint, capsys
     unrolled = capsys.readouterr().out
     main([*args, "--scan"])
     assert capsys.readouterr().out == unrolled and unrolled.strip()
+
+
+def test_scanned_classifier_scores_equal_unrolled(tmp_path):
+    make_classifier("gemma2", SEQUENCE, num_hidden_layers=4).save_pretrained(tmp_path)
+    rows = [[2, 5, 17, 33, 8], [2, 9]]
+    unrolled, scanned = (gemma_jax.load(tmp_path, dtype="float32", scan=scan) for scan in (False, True))
+    assert scanned.runtime.scan
+    close(scanned.scores(rows), unrolled.scores(rows))
