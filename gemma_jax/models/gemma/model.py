@@ -166,7 +166,11 @@ class Transformer(nn.Module):
     (and its compile time) does not grow with depth. Params are then "layers/block_{j}/..." with a
     leading "layers" axis (block j of every period; `Family.stack_layers` makes them from the
     per-layer "layer_{i}" tree checkpoints hold) plus "layer_{i}" for the layers after the last
-    whole period; the cache is stacked alike (`init_cache(..., scan=True)`).
+    whole period; the cache is stacked alike (`init_cache(..., scan=True)`) and scanned as input and
+    output. Costs measured on CPU (benchmarks/compile_layers.py): each step slices every layer's weights
+    out of the stack, and the scan's cache output is copied into the donated cache once per call (a
+    cache carried through the loop instead is copied whole every iteration unless tokens are written
+    straight into the stacked arrays, which kv_cache.py's per-layer writes do not do).
     """
 
     config: GemmaConfig
