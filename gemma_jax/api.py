@@ -60,15 +60,17 @@ class Gemma:
         layout: Layout | None = None,
         quant: str | None = None,
         kv_cache: str = "float",
+        scan: bool = False,
     ):
         self.config = config
-        self.params = params
         self.tokenizer = tokenizer
         float_dtype = next(x.dtype for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating))
         # What every program of this model compiles for: `layout` is where params live (None: one
-        # device), `quant` the activation mode of int8 params (see gemma_jax.quant).
+        # device), `quant` the activation mode of int8 params (see gemma_jax.quant), `scan` whether the
+        # layers run as a scan (params per layer are then stacked here: `Runtime.layered`).
         compute_dtype = compute_dtype or default_compute_dtype(float_dtype)
-        self.runtime = Runtime.create(config, compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache)
+        self.runtime = Runtime.create(config, compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache, scan=scan)
+        self.params = self.runtime.layered(params)
 
     @property
     def layout(self) -> Layout | None:
@@ -229,6 +231,7 @@ def load(
     quant: str | None = None,
     verify: bool = True,
     kv_cache: str = "float",
+    scan: bool = False,
 ) -> Gemma:
     """Load a checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer.model),
     one of our Orbax directories, any other format `gemma-jax convert` reads, or a name:
@@ -244,7 +247,12 @@ def load(
     `verify` checks each tensor of our Orbax checkpoints against the checksums stored with it
     (see `gemma_jax.checkpoint.manifest`); other formats carry none. `kv_cache="int8"` keeps the
     KV cache of generation (and of the engine behind `infer`/`serve`) in int8 with per-token-and-head
-    scales: half the cache bytes (see `gemma_jax.models.kv_cache`).
+    scales: half the cache bytes (see `gemma_jax.models.kv_cache`). `scan=True` runs the layers as one
+    `lax.scan` over whole periods of the layer pattern: compile time no longer grows with depth (Gemma 2 27B's
+    forward: 4.0 s instead of 11.8 s on CPU), the same outputs; `params` are then stacked per period
+    position (checkpoints stay per layer: `gemma_jax.models.family.Family.stack_layers`). Off by default:
+    on CPU a scanned decode step is slower (each step slices every layer's weights out of the stack;
+    benchmarks/compile_layers.py).
     """
     layout = None if mesh is None else Layout(mesh, RULE_SETS[rules])
     path, stored = checkpoint_path(path), None
@@ -265,7 +273,7 @@ def load(
         if layout is not None:
             params = jax.device_put(params, tree_shardings(layout, param_axes(config, quant), params))
     quant = quant or stored  # an int8 tree runs as either scheme; by default as it was quantized
-    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache)
+    return Gemma(config, params, tokenizer, compute_dtype=compute_dtype, layout=layout, quant=quant, kv_cache=kv_cache, scan=scan)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:

@@ -102,6 +102,13 @@ def _add_kv_cache_arg(parser: argparse.ArgumentParser) -> None:
                         help="KV cache dtype: the compute dtype, or int8 with per-token-and-head scales (half the bytes)")
 
 
+def _add_scan_arg(parser: argparse.ArgumentParser) -> None:
+    """For the commands that run the model outside the paged engine (whose cache is per layer)."""
+    parser.add_argument("--scan", action="store_true",
+                        help="run the layers as one scan: compile time independent of depth, same outputs "
+                             "(on CPU each decode step is slower)")  # fmt: skip
+
+
 def _add_paging_args(parser: argparse.ArgumentParser) -> None:
     """For the commands that run the engine (infer, serve): the paged KV cache's budget and page size."""
     parser.add_argument("--kv-tokens", type=POSITIVE,
@@ -126,7 +133,7 @@ def _load_model(args: argparse.Namespace):
     dtype = ("float32" if jax.default_backend() == "cpu" else "bfloat16") if args.dtype == "auto" else args.dtype
     mesh = None if args.mesh is None and args.dcn is None else make_mesh(args.mesh, dcn=args.dcn)
     return load(args.ckpt, dtype=dtype, mesh=mesh, quant=args.quant, verify=not args.no_verify,
-                kv_cache=getattr(args, "kv_cache", "float"))  # fmt: skip
+                kv_cache=getattr(args, "kv_cache", "float"), scan=getattr(args, "scan", False))  # fmt: skip
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -375,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming it to stdout")
     _add_model_args(gen)
+    _add_scan_arg(gen)
     _add_kv_cache_arg(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
@@ -385,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ch = commands.add_parser("chat", help="interactive chat: keeps the conversation, streams each reply (needs an -it model)")
     _add_model_args(ch)
+    _add_scan_arg(ch)
     _add_kv_cache_arg(ch)
     ch.add_argument("--system", help="a system message, sent before the first user turn")
     _add_sampling_args(ch, max_new_tokens=512)
@@ -406,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cls = commands.add_parser("classify", help="JSONL classification with a sequence or token classifier checkpoint; restartable")
     _add_model_args(cls)
+    _add_scan_arg(cls)
     cls.add_argument("--input", required=True, help='JSONL: {"id", "text"} or {"id", "ids": [token ids]} per line')
     cls.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     cls.add_argument("--batch-size", type=POSITIVE, default=16, help="lines per forward pass")
@@ -429,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = commands.add_parser("perplexity", help="perplexity of a text file, measured as llama.cpp's llama-perplexity does")
     _add_model_args(ppl)
+    _add_scan_arg(ppl)
     ppl.add_argument("--text-file", required=True)
     ppl.add_argument("--ctx", type=_bounded(int, MIN_CTX), default=512, help="tokens per window (llama.cpp -c)")
     ppl.add_argument("--stride", type=POSITIVE, help="sliding windows every N tokens, scoring the last N (default: llama.cpp chunks)")

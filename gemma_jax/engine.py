@@ -95,6 +95,8 @@ class Engine:
     ):
         if max_len > model.config.max_position:
             raise ValueError(f"max_len {max_len} exceeds the model context {model.config.max_position}")
+        if model.runtime.scan:  # its pages are per layer; a scanned model's cache is stacked (models/family.py)
+            raise ValueError("the paged engine runs unrolled models: load the model with scan=False")
         kv_tokens = slots * max_len if kv_tokens is None else kv_tokens
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")

@@ -159,7 +159,8 @@ def _pin(runtime: Runtime, state: DecodeState) -> DecodeState:
     done/stopped are read by every host after each call, so they stay replicated."""
     constrain, axes = runtime.constrain, family_of(runtime.config).cache_axes
     rows = lambda x: constrain(x, ("act_batch",) + (None,) * (x.ndim - 1))
-    cache = {name: {k: constrain(x, axes[k]) for k, x in layer.items()} for name, layer in state.cache.items()}
+    stacked = lambda x, k: (None,) * (x.ndim - len(axes[k])) + axes[k]  # a scanned model's layers lead with a layers axis
+    cache = {name: {k: constrain(x, stacked(x, k)) for k, x in layer.items()} for name, layer in state.cache.items()}
     return DecodeState(cache, rows(state.token), rows(state.position), rows(state.count),
                        constrain(state.done, (None,)), constrain(state.stopped, (None,)), rows(state.keys))  # fmt: skip
 

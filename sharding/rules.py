@@ -28,6 +28,9 @@ _MODEL_PARALLEL: Rules = (
     ("altup", ()),
     ("per_layer", ()),
     ("laurel", ()),
+    # A scanned model's stacked layers (models/family.py LAYERS): each device holds every layer's
+    # slice of a weight, so the scan's step over layers needs no communication.
+    ("layers", ()),
 )
 
 # Inference: heads and MLP split over `tensor`; `fsdp` acts as extra data parallelism, so

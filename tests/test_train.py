@@ -193,8 +193,9 @@ def test_lora_merged_export_loads_in_transformers_with_equal_logits(lora_cfg):
     base = gemma_jax.load(lora_cfg.ckpt, dtype="float32")
     ids = base.tokenizer.encode(DOCS[1], add_bos=True)
     tokens = np.asarray([ids]), np.arange(len(ids))[None], np.ones((1, len(ids)), np.int32)
-    with lora_lib.interceptor(base.config, lora_lib.LoraSpec.create(lora_cfg), result.params):  # as trained: unmerged
-        ours = np.asarray(jax.jit(lambda p: Transformer(base.config).apply({"params": p}, *tokens)[0])(base.params))[0]
+    adapters = {lora_lib.COLLECTION: {k: v for k, v in result.params.items() if k != "score"}}
+    with lora_lib.interceptor(lora_lib.LoraSpec.create(lora_cfg)):  # as trained: unmerged
+        ours = np.asarray(jax.jit(lambda p: Transformer(base.config).apply({"params": p, **adapters}, *tokens)[0])(base.params))[0]
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.export["hf"], attn_implementation="eager", dtype=torch.float32)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()

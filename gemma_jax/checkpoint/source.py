@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-from gemma_jax.models import Config, ParamPath, TensorSpec, tensor_specs
-from gemma_jax.models.family import listing
+from gemma_jax.models import Config, ParamPath, TensorSpec, family_of, tensor_specs
+from gemma_jax.models.family import LayerSlice, listing, set_path
 
 Put = Callable[[ParamPath, np.ndarray], Any]
 Array = Any  # np.ndarray, or a jax.Array (possibly sharded) for params already in memory
@@ -93,9 +93,11 @@ def _finite(x: Array) -> bool:
 
 
 def params_source(config: Config, params: Mapping[str, Any], tokenizer: bytes | None = None) -> TensorSource:
-    """A source over a param tree in memory (numpy or jax arrays); refuses missing, extra or mis-shaped params."""
-    leaves = checked_leaves(params, tensor_specs(config))
-    return TensorSource(config, {p: np.dtype(x.dtype) for p, x in leaves.items()}, lambda s: leaves[s.path], tokenizer)
+    """A source over a param tree in memory (numpy or jax arrays), per layer or a scanned model's stacked
+    tree (read one layer at a time: checkpoints stay per layer); refuses missing, extra or mis-shaped params."""
+    leaves = checked_leaves(family_of(config).layer_leaves(config, params), tensor_specs(config))
+    read = lambda s: leaves[s.path].get() if isinstance(leaves[s.path], LayerSlice) else leaves[s.path]
+    return TensorSource(config, {p: np.dtype(x.dtype) for p, x in leaves.items()}, read, tokenizer)
 
 
 def collect(source: TensorSource, put: Put | None = None) -> dict[str, Any]:
@@ -106,17 +108,9 @@ def collect(source: TensorSource, put: Put | None = None) -> dict[str, Any]:
     return params
 
 
-def set_path(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
-    """tree[path[0]][path[1]]... = value, creating the nested dicts on the way."""
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-
-def checked_leaves(params: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> dict[ParamPath, Any]:
-    """Our path -> array for every spec, refusing missing, extra or mis-shaped params."""
-    leaves = dict(_flatten(params))
+def checked_leaves(leaves: Mapping[ParamPath, Any], specs: Mapping[str, TensorSpec]) -> dict[ParamPath, Any]:
+    """Our path -> array (`leaves`, per layer) for every spec, refusing missing, extra or mis-shaped params."""
+    leaves = dict(leaves)
     wanted = {s.path: s for s in specs.values()}
     extra = ["/".join(p) for p in leaves if p not in wanted]
     if extra:
@@ -127,11 +121,3 @@ def checked_leaves(params: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -
         if tuple(leaves[p].shape) != spec.shape:
             raise ValueError(f"params {'/'.join(p)} has shape {list(leaves[p].shape)}, config implies {list(spec.shape)}")
     return leaves
-
-
-def _flatten(tree: Mapping[str, Any], prefix: ParamPath = ()) -> Iterable[tuple[ParamPath, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value

@@ -60,9 +60,9 @@ def init_params(config: Config, rng: Any, param_dtype: Any = "float32", quant: s
     return family_of(config).init_params(config, rng, param_dtype, quant)
 
 
-def param_axes(config: Config, quant: str | None = None) -> dict:
-    """The params pytree of `config`'s model with logical axis names as leaves."""
-    return family_of(config).param_axes(config, quant)
+def param_axes(config: Config, quant: str | None = None, scan: bool = False) -> dict:
+    """The params pytree of `config`'s model with logical axis names as leaves (`scan`: the scanned model's)."""
+    return family_of(config).param_axes(config, quant, scan)
 
 
 def init_cache(config: Config, batch: int, max_len: int, dtype: Any = "float32", layout: Any = None) -> dict:

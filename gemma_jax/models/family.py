@@ -29,6 +29,7 @@ from flax import linen as nn
 
 ParamPath = tuple[str, ...]
 Config = Any  # a family's frozen config dataclass
+LAYERS = "layers"  # a scanned model's stacked layers: their params' key, and the logical name of the leading axis
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,8 @@ class Family:
     hf_text_prefix: str | None = None  # a multimodal checkpoint's text stack (its config.json has `text_config`)
     gguf: Any = None  # its GGUF module (ARCHS, config_from_metadata, metadata_for, stored), if llama.cpp runs it
     google: Any = None  # its gemma-library checkpoint recipe module, if Google released it that way
+    # (periods, first unrolled layer) of a scanned model (module(..., scan=True)); None: the family does not scan
+    scanned_layers: Callable[[Config], tuple[int, int]] | None = None
 
     def tensor_specs(self, config: Config) -> dict[str, TensorSpec]:
         """Every tensor a checkpoint of `config` holds, keyed by HF name, in HF's order (embedding,
@@ -123,13 +126,76 @@ class Family:
         return _tensor_specs(self, config)
 
     def init_params(self, config: Config, rng: jax.Array, param_dtype: Any = np.float32, quant: str | None = None) -> dict:
-        """Random parameters (int8 placeholders with `quant`), as a plain pytree."""
+        """Random parameters (int8 placeholders with `quant`), as a plain pytree, one entry per layer."""
         return nn.meta.unbox(self._init_boxed(config, rng, param_dtype, quant))
 
-    def param_axes(self, config: Config, quant: str | None = None) -> dict:
-        """The params pytree with each leaf replaced by its logical axis names (a tuple), from the module itself."""
-        boxed = jax.eval_shape(lambda: self._init_boxed(config, jax.random.PRNGKey(0), np.float32, quant))
+    def param_axes(self, config: Config, quant: str | None = None, scan: bool = False) -> dict:
+        """The params pytree with each leaf replaced by its logical axis names (a tuple), from the module itself
+        (with `scan`: the scanned model's, whose stacked layers lead with the `LAYERS` axis)."""
+        boxed = jax.eval_shape(lambda: self._init_boxed(config, jax.random.PRNGKey(0), np.float32, quant, scan))
         return jax.tree.map(tuple, nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+    def scans(self, config: Config) -> bool:
+        """Whether a scanned model of `config` scans any layers (a family may not scan; a model may be shorter than a period)."""
+        return self.scanned_layers is not None and self.scanned_layers(config)[0] > 0
+
+    def stacked_at(self, config: Config, path: ParamPath) -> tuple[ParamPath, int] | None:
+        """Where the per-layer entry at `path` ("layer_{i}", ...) lives in a scanned model's tree: (its stacked
+        path, LAYERS/"block_{j}"/..., and its index on the leading axis); None where it is not stacked."""
+        i = _layer(path)
+        if i is None or not self.scans(config):
+            return None
+        periods, first = self.scanned_layers(config)
+        period = first // periods
+        return ((LAYERS, f"block_{i % period}", *path[1:]), i // period) if i < first else None
+
+    def stack_layers(self, config: Config, tree: dict, stack: Callable[[list], Any] | None = None) -> dict:
+        """A per-layer tree ("layer_{i}" entries: params, int8 params, LoRA factors) in a scanned model's
+        layout; a tree already stacked, or of a family that does not scan, is returned as it is.
+
+        This and `stacked_at` are the one place that maps between the two layouts: checkpoints stay per layer.
+        Each stacked leaf is built and the per-layer leaves it replaces are dropped before the next, so memory
+        peaks at the model plus one stacked leaf (`tree` is emptied of the stacked layers' entries on the way).
+        `stack` makes a stacked leaf from the layers' leaves in order (default: `jnp.stack`; `stacked_axes` for
+        trees of logical axes).
+        """
+        if LAYERS in tree or not self.scans(config):
+            return tree
+        flat = {k: v for k, v in flatten_paths(tree)}
+        tree.clear()
+        groups: dict[ParamPath, list[tuple[int, ParamPath]]] = {}
+        for path in flat:
+            where = self.stacked_at(config, path)
+            if where is not None:
+                groups.setdefault(where[0], []).append((where[1], path))
+        out = {}
+        for stacked, members in groups.items():
+            set_path(out, stacked, (stack or jax.numpy.stack)([flat.pop(path) for _, path in sorted(members)]))
+        for path, leaf in flat.items():
+            set_path(out, path, leaf)
+        return out
+
+    def unstack_layers(self, config: Config, tree: dict) -> dict:
+        """The per-layer tree of a scanned model's `tree` (the inverse of `stack_layers`; a per-layer tree as it is)."""
+        if LAYERS not in tree:
+            return tree
+        out = {}
+        for path, spec in self.layer_leaves(config, tree).items():
+            set_path(out, path, spec.get() if isinstance(spec, LayerSlice) else spec)
+        return out
+
+    def layer_leaves(self, config: Config, tree: dict) -> dict[ParamPath, Any]:
+        """Per-layer path -> leaf of a tree in either layout, stacked layers as `LayerSlice`s (nothing is copied)."""
+        periods, first = self.scanned_layers(config) if LAYERS in tree else (0, 0)
+        leaves = {}
+        for path, leaf in flatten_paths(tree):
+            if path[0] != LAYERS:
+                leaves[path] = leaf
+                continue
+            j = int(path[1].removeprefix("block_"))
+            for p in range(periods):
+                leaves[(f"layer_{p * (first // periods) + j}", *path[2:])] = LayerSlice(leaf, p)
+        return leaves
 
     def logical_axes(self, path: ParamPath) -> tuple[str, ...]:
         """Logical axes of the parameter at `path` for any config, float or int8 (an int8 weight keeps its
@@ -137,10 +203,50 @@ class Family:
         is read, before a model is built."""
         return _axes_by_path(self)(path)
 
-    def _init_boxed(self, config: Config, rng: jax.Array, param_dtype: Any, quant: str | None) -> dict:
+    def _init_boxed(self, config: Config, rng: jax.Array, param_dtype: Any, quant: str | None, scan: bool = False) -> dict:
         tokens = np.zeros((1, 1), np.int32)
-        module = self.module(config, param_dtype=param_dtype, quant=quant)
+        module = self.module(config, param_dtype=param_dtype, quant=quant, **({"scan": True} if scan else {}))
         return module.init(rng, tokens, tokens, tokens + 1)["params"]
+
+
+def stacked_axes(layers: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The logical axes of a stacked leaf: the `LAYERS` axis, then a layer's (a `stack` for `Family.stack_layers`)."""
+    return (LAYERS, *layers[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """One layer's leaf inside a stacked leaf, not yet sliced out (so that a writer copies one layer at a time)."""
+
+    stacked: Any
+    index: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+    @property
+    def dtype(self) -> Any:
+        return self.stacked.dtype
+
+    def get(self) -> Any:
+        return self.stacked[self.index]
+
+
+def flatten_paths(tree: Mapping[str, Any], prefix: ParamPath = ()) -> Iterable[tuple[ParamPath, Any]]:
+    """(path, leaf) for every leaf of a nested dict."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from flatten_paths(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def set_path(tree: dict[str, Any], path: ParamPath, value: Any) -> None:
+    """tree[path[0]][path[1]]... = value, creating the nested dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 def _layer(path: ParamPath) -> int | None:

@@ -60,6 +60,7 @@ class TrainConfig:
     base_dtype: str | None = _setting(None, "LoRA: the frozen base's dtype (default: param_dtype)")
     compute_dtype: str | None = _setting(None, "activations (default: float32 on CPU, bfloat16 elsewhere)")
     remat: str = _setting("none", "rematerialisation: none, block or dots (block saves the most memory)")
+    scan: bool = _setting(False, "run the layers as one lax.scan over whole periods of the layer pattern (compile time independent of depth)")
     mesh: str | None = _setting(None, "device mesh, e.g. fsdp=8 or data=2,fsdp=4 (default: every device on fsdp)")
     dcn: str | None = _setting(None, "multi-slice: mesh sizes across slices, e.g. data=2 (mesh then sizes one slice)")
     lora_rank: int = _setting(0, "rank of LoRA adapters on a frozen base; 0: full fine-tuning")

@@ -5,7 +5,8 @@ y = x·W + (x·A)·B · alpha/rank, with A over W's contracted (input) axes plus
 over the rank axis plus W's output axes. B starts at zero, so training starts at the base model.
 
 The branch is added by a Flax method interceptor around `Einsum.__call__` rather than inside
-the layer: the model code stays as it is, the LoRA params are a separate pytree (so only they
+the layer: the model code stays as it is, the LoRA params are a separate pytree (their own
+variable collection, `COLLECTION`, which a scanned model slices per layer as it does params; so only they
 are differentiated and optimised, and the base params are passed through untouched, which
 keeps them bit-identical), and an int8 base works unchanged because the interceptor adds to
 whatever the base projection returns. Which projections exist, and their equations, shapes
@@ -32,6 +33,7 @@ from gemma_jax.layers import Einsum
 from gemma_jax.train.config import TrainConfig
 
 Path = tuple[str, ...]
+COLLECTION = "lora"  # the adapters' variable collection, passed to the model's apply beside "params"
 _RANK = "r"  # einsum letter of the rank axis (the model's equations use upper case)
 
 
@@ -125,19 +127,20 @@ def lora_delta(projection: Projection, x: jax.Array, a: jax.Array, b: jax.Array,
     return jnp.einsum(f"{batch}{_RANK},{_RANK}{fan_out}->{out}", h, (b * scale).astype(x.dtype))
 
 
-def interceptor(config: Config, spec: LoraSpec, lora: dict) -> contextlib.AbstractContextManager:
-    """A Flax method interceptor that adds the LoRA branch to every target projection of `lora`.
-
-    The same paths and equations hold for an int8 base, whose projections return float outputs.
+def interceptor(spec: LoraSpec) -> contextlib.AbstractContextManager:
+    """A Flax method interceptor that adds the LoRA branch to every projection that has adapters in the apply's
+    `COLLECTION` variables (a tree shaped like the params: `init_lora`'s). The model hands each projection
+    its own adapters as it does its params, so a scanned model's layers each see their slice of the stacked
+    factors. The same holds for an int8 base, whose projections return float outputs.
     """
-    found = projections(config)
-    flat = flatten_dict(lora)
 
     def add_branch(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
-        path = context.module.path if isinstance(context.module, Einsum) and context.method_name == "__call__" else None
-        if path is not None and path + ("lora_a",) in flat:
-            out = out + lora_delta(found[path], args[1], flat[path + ("lora_a",)], flat[path + ("lora_b",)], spec.scale)
+        module = context.module
+        if isinstance(module, Einsum) and context.method_name == "__call__" and module.has_variable(COLLECTION, "lora_a"):
+            projection = Projection(args[0], tuple(module.shape), tuple(module.axes))
+            a, b = module.get_variable(COLLECTION, "lora_a"), module.get_variable(COLLECTION, "lora_b")
+            out = out + lora_delta(projection, args[1], a, b, spec.scale)
         return out
 
     return nn.intercept_methods(add_branch)

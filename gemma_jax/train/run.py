@@ -71,7 +71,7 @@ def finetune(
     run_dir.mkdir(parents=True, exist_ok=True)
     lora = spec.lora
     dtype = (cfg.base_dtype or cfg.param_dtype) if lora else cfg.param_dtype
-    model = load(cfg.ckpt, dtype=dtype, mesh=layout.mesh, rules="training")
+    model = load(cfg.ckpt, dtype=dtype, mesh=layout.mesh, rules="training", scan=False)  # per layer: stacked below
     if model.tokenizer is None:
         raise ValueError(f"{cfg.ckpt}: fine-tuning needs a checkpoint with a tokenizer (tokenizer.model)")
     rows = data_lib.load_rows(cfg.data, model.tokenizer, cfg.seq_len, head)
@@ -79,6 +79,7 @@ def finetune(
     model.params = _with_head(spec, model.params, cfg.seed)
     fns = compiled(spec)
     frozen = _frozen(model.params, spec, fns) if lora else {}
+    model.params = model.params if lora else spec.layered(model.params)
     checkpoints = Checkpoints(run_dir / "checkpoints", cfg.keep)
     try:
         state, resumed = _start(cfg, spec, fns, checkpoints, resume, model.params, rows.fingerprint)
@@ -187,7 +188,7 @@ def _frozen(params: Any, spec: StepSpec, fns: Compiled) -> Any:
     params = without_head(params)
     if spec.quant is not None:
         params = quantize_params(spec.base_config, params, spec.quant)
-    return jax.device_put(params, fns.frozen)
+    return jax.device_put(spec.layered(params), fns.frozen)
 
 
 def _abstract_state(spec: StepSpec) -> dict[str, Any]:
@@ -225,8 +226,9 @@ def _merged(cfg: TrainConfig, config, layout: Layout, lora: lora_lib.LoraSpec | 
     if lora is None:
         return trained
     if cfg.quant is not None:  # merge into the float weights the int8 base was made from
-        frozen = without_head(load(cfg.ckpt, dtype=cfg.base_dtype or cfg.param_dtype, mesh=layout.mesh, rules="training").params)
-    merged = jax.jit(lambda p, a: lora_lib.merge(config, lora, p, a))(frozen, without_head(trained))
+        frozen = load(cfg.ckpt, dtype=cfg.base_dtype or cfg.param_dtype, mesh=layout.mesh, rules="training", scan=False).params
+    per_layer = lambda tree: family_of(config).unstack_layers(config, without_head(tree))  # merge per layer, as exported
+    merged = jax.jit(lambda p, a: lora_lib.merge(config, lora, per_layer(p), per_layer(a)))(frozen, trained)
     return {**merged, **head_leaves(trained)}
 
 

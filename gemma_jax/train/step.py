@@ -26,7 +26,8 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import NamedSharding
 from jax.tree_util import DictKey
 
-from gemma_jax.models import Config, init_params, param_axes
+from gemma_jax.models import Config, family_of, init_params, param_axes
+from gemma_jax.models.family import stacked_axes
 from gemma_jax.models.heads import Head, confusion, head_leaves, without_head
 from gemma_jax.runtime import Runtime
 from gemma_jax.train import lora as lora_lib
@@ -70,7 +71,7 @@ class StepSpec:
     def create(cls, cfg: TrainConfig, config: Config, layout: Layout) -> StepSpec:
         """The step of run settings `cfg` for model `config` on `layout`."""
         schedule = cfg.schedule()
-        runtime = Runtime.create(config, cfg.compute_dtype or default_compute_dtype(), layout=layout, quant=cfg.quant)
+        runtime = Runtime.create(config, cfg.compute_dtype or default_compute_dtype(), layout=layout, quant=cfg.quant, scan=cfg.scan)
         return cls(
             runtime=runtime, param_dtype=cfg.param_dtype, base_dtype=cfg.base_dtype or cfg.param_dtype, remat=cfg.remat,
             lora=lora_lib.LoraSpec.create(cfg), learning_rate=schedule["learning_rate"],
@@ -112,6 +113,15 @@ class StepSpec:
     def model(self) -> Any:
         return self.runtime.model(remat=self.remat)
 
+    @property
+    def scan(self) -> bool:
+        return self.runtime.scan
+
+    def layered(self, tree: Any, stack: Any = None) -> Any:
+        """A per-layer tree (params, LoRA factors, or their logical axes with `stack=stacked_axes`) in the model's
+        layout: stacked when the layers run as a scan (see `Family.stack_layers`)."""
+        return family_of(self.config).stack_layers(self.config, tree, stack) if self.scan else tree
+
     # --- what lives where ------------------------------------------------------------------
     # A LoRA run trains a classifier's head in full, beside the adapters (under its own key, "score");
     # the frozen base is the decoder without it (the causal LM's params, whose shapes are the same).
@@ -121,25 +131,25 @@ class StepSpec:
 
     def trained_axes(self) -> Any:
         if self.lora is None:
-            return _param_axes(self.config, None)
-        return {**lora_lib.lora_axes(self.config, self.lora), **head_leaves(_param_axes(self.config, None))}
+            return _param_axes(self.config, None, self.scan)
+        return {**self.layered(lora_lib.lora_axes(self.config, self.lora), stacked_axes), **head_leaves(_param_axes(self.config, None))}
 
     def abstract_trained(self) -> Any:
         if self.lora is None:
-            return _abstract_params(self.config, self.param_dtype, None)
+            return _abstract_params(self.config, self.param_dtype, None, self.scan)
         dtype = jnp.dtype(self.param_dtype)
-        adapters = jax.eval_shape(lambda: lora_lib.init_lora(self.config, self.lora, jax.random.PRNGKey(0), dtype))
-        return {**adapters, **head_leaves(_abstract_params(self.config, self.param_dtype, None))}
+        adapters = jax.eval_shape(lambda: self.layered(lora_lib.init_lora(self.config, self.lora, jax.random.PRNGKey(0), dtype)))
+        return {**adapters, **head_leaves(_abstract_params(self.config, self.param_dtype, None, False))}
 
     def abstract_frozen(self) -> Any:
         """The LoRA run's frozen base: shapes and dtypes (int8 weights and float32 scales for an int8 base)."""
-        return _abstract_params(self.base_config, self.base_dtype, self.quant)
+        return _abstract_params(self.base_config, self.base_dtype, self.quant, self.scan)
 
     def frozen_shardings(self) -> Any:
         """The frozen base's shardings (LoRA), or an empty tree (full fine-tuning trains the base)."""
         if self.lora is None:
             return {}
-        return tree_shardings(self.layout, _param_axes(self.base_config, self.quant), self.abstract_frozen())
+        return tree_shardings(self.layout, _param_axes(self.base_config, self.quant, self.scan), self.abstract_frozen())
 
     def state_shardings(self) -> State:
         abstract = self.abstract_trained()
@@ -164,22 +174,26 @@ class StepSpec:
 
 
 @functools.cache
-def _abstract_params(config: Config, dtype: str, quant: str | None) -> Any:
-    """Shapes and dtypes of the model's params (an abstract init: cached, as it traces the whole model)."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), jnp.dtype(dtype), quant))
+def _abstract_params(config: Config, dtype: str, quant: str | None, scan: bool) -> Any:
+    """Shapes and dtypes of the model's params, stacked when it scans (an abstract init: cached, as it traces the whole model)."""
+    per_layer = lambda: init_params(config, jax.random.PRNGKey(0), jnp.dtype(dtype), quant)
+    return jax.eval_shape(lambda: family_of(config).stack_layers(config, per_layer()) if scan else per_layer())
 
 
 @functools.cache
-def _param_axes(config: Config, quant: str | None) -> Any:
-    return param_axes(config, quant)
+def _param_axes(config: Config, quant: str | None, scan: bool = False) -> Any:
+    return param_axes(config, quant, scan)
 
 
 def _logits(trained: Any, frozen: Any, batch: dict[str, jax.Array], spec: StepSpec) -> jax.Array:
     """The model's logits [rows, seq_len, V] (a classifier's: label scores [.., L]) on one micro-batch."""
-    params = trained if spec.lora is None else {**frozen, **head_leaves(trained)}
-    adapters = contextlib.nullcontext() if spec.lora is None else lora_lib.interceptor(spec.config, spec.lora, trained)
+    if spec.lora is None:
+        variables, adapters = {"params": trained}, contextlib.nullcontext()
+    else:
+        variables = {"params": {**frozen, **head_leaves(trained)}, lora_lib.COLLECTION: without_head(trained)}
+        adapters = lora_lib.interceptor(spec.lora)
     with adapters:
-        logits, _ = spec.model().apply({"params": params}, batch["inputs"], batch["positions"], batch["segments"])
+        logits, _ = spec.model().apply(variables, batch["inputs"], batch["positions"], batch["segments"])
     return spec.runtime.constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
@@ -258,7 +272,7 @@ def compiled(spec: StepSpec) -> Compiled:
     replicated = spec.layout.replicated()
     init_lora = None
     if spec.lora is not None:
-        make = lambda rng: lora_lib.init_lora(spec.config, spec.lora, rng, jnp.dtype(spec.param_dtype))  # noqa: E731
+        make = lambda rng: spec.layered(lora_lib.init_lora(spec.config, spec.lora, rng, jnp.dtype(spec.param_dtype)))  # noqa: E731
         init_lora = jax.jit(make, in_shardings=replicated, out_shardings=without_head(state["params"]))
     return Compiled(
         train=jax.jit(

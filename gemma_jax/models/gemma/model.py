@@ -27,6 +27,7 @@ from flax import linen as nn
 from gemma_jax.kernels import Kernels
 from gemma_jax.layers import Einsum, Embedder, RMSNorm, rematerialized, rope, soft_cap
 from gemma_jax.models.attention import attend
+from gemma_jax.models.family import LAYERS
 from gemma_jax.models.gemma.config import GemmaConfig
 from gemma_jax.models.heads import HEAD_KEY, Score
 from gemma_jax.models.kv_cache import Cache, LayerCache, attended, layer_cache
@@ -37,14 +38,28 @@ Array = jax.Array
 ACT = ("act_batch", "act_length", "act_embed")
 
 
-def init_cache(config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None) -> Cache:
+def init_cache(
+    config: GemmaConfig, batch: int, max_len: int, dtype: Any = jnp.float32, layout: Layout | None = None, scan: bool = False
+) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (int8 with scales for dtype int8; laid
-    out on `layout` when traced on a mesh): sliding-window layers hold at most `sliding_window` slots."""
+    out on `layout` when traced on a mesh): sliding-window layers hold at most `sliding_window` slots.
+
+    Keyed "layer_{i}"; with `scan`, the layers the scan runs are stacked instead (see `scanned_layers`):
+    "block_{j}" holds the caches of the layers at position j of every period, on a leading axis."""
     K, H = config.num_kv_heads, config.head_dim
-    return {
-        f"layer_{i}": layer_cache(batch, min(config.sliding_window, max_len) if kind == "local" else max_len, K, H, dtype, layout)
-        for i, kind in enumerate(config.layer_kinds)
-    }
+    one = lambda kind: layer_cache(batch, min(config.sliding_window, max_len) if kind == "local" else max_len, K, H, dtype, layout)
+    periods, _ = scanned_layers(config) if scan else (0, 0)
+    stacked = {f"block_{j}": jax.vmap(lambda _, kind=kind: one(kind))(jnp.arange(periods)) for j, kind in enumerate(config.layer_pattern)}
+    rest = {f"layer_{i}": one(kind) for i, kind in enumerate(config.layer_kinds) if i >= periods * len(config.layer_pattern)}
+    return (stacked if periods else {}) | rest
+
+
+def scanned_layers(config: GemmaConfig) -> tuple[int, int]:
+    """(periods, first unrolled layer): the scan runs whole periods of `layer_pattern` (Gemma 1: one
+    layer, Gemma 2: local + global, Gemma 3: 5 local + global); the layers after them, which do not fill
+    a period (Gemma 3 1B: 26 = 4 x 6 + 2), run unrolled."""
+    periods = config.num_layers // len(config.layer_pattern)
+    return periods, periods * len(config.layer_pattern)
 
 
 class Attention(nn.Module):
@@ -121,11 +136,41 @@ class Block(nn.Module):
 
 
 
+class Period(nn.Module):
+    """One period of the layer pattern, "block_{j}" for its position j: the body of the layer scan."""
+
+    config: GemmaConfig
+    param_dtype: Any = jnp.float32
+    quant: str | None = None
+    remat: str = "none"
+    kernels: Kernels = Kernels()
+    fresh_cache: bool = False
+
+    @nn.compact
+    def __call__(self, x, caches, positions, segment_ids):
+        new_caches = {}
+        for j, kind in enumerate(self.config.layer_pattern):
+            name = f"block_{j}"
+            block = rematerialized(Block, self.remat, 5)(self.config, kind, self.param_dtype, self.quant, self.kernels, name=name)
+            x, new_caches[name] = block(x, positions, segment_ids, None if caches is None else caches[name], self.fresh_cache)
+        return x, new_caches if caches is not None else None
+
+
 class Transformer(nn.Module):
     """Gemma decoder. Params are stored in `param_dtype`; activations are computed in `dtype`.
 
     `quant` ("w8a8" / "w8a16"): init creates int8 weights; apply with int8 params (see
     `gemma_jax.quant`) quantizes activations too for "w8a8" (int8 params run W8A16 otherwise).
+
+    `scan`: the layers run as a `lax.scan` over whole periods of the layer pattern, so the program
+    (and its compile time) does not grow with depth. Params are then "layers/block_{j}/..." with a
+    leading "layers" axis (block j of every period; `Family.stack_layers` makes them from the
+    per-layer "layer_{i}" tree checkpoints hold) plus "layer_{i}" for the layers after the last
+    whole period; the cache is stacked alike (`init_cache(..., scan=True)`) and scanned as input and
+    output. Costs measured on CPU (benchmarks/compile_layers.py): each step slices every layer's weights
+    out of the stack, and the scan's cache output is copied into the donated cache once per call (a
+    cache carried through the loop instead is copied whole every iteration unless tokens are written
+    straight into the stacked arrays, which kv_cache.py's per-layer writes do not do).
     """
 
     config: GemmaConfig
@@ -134,6 +179,7 @@ class Transformer(nn.Module):
     quant: str | None = None
     remat: str = "none"  # training: which activations the backward pass recomputes (see layers.REMAT_POLICIES)
     kernels: Kernels = Kernels()  # backends and mesh layout of the program being traced
+    scan: bool = False  # run whole periods of layers as one lax.scan (see above)
 
     @nn.compact
     def __call__(
@@ -153,7 +199,18 @@ class Transformer(nn.Module):
         embedder = Embedder(cfg.vocab_size, cfg.embed_dim, self.param_dtype, self.quant, self.kernels, name="embedder")
         x = self.kernels.constrain(embedder.encode(tokens, self.dtype), ACT)  # B T D
         new_cache = {} if cache is not None else None
-        for i, kind in enumerate(cfg.layer_kinds):
+        periods, first = scanned_layers(cfg) if self.scan else (0, 0)
+        if periods:
+            scanned = nn.scan(
+                Period, variable_axes={True: 0}, split_rngs={"params": True},  # every collection: params, LoRA, sown values
+                in_axes=(0, nn.broadcast, nn.broadcast), length=periods, metadata_params={nn.PARTITION_NAME: LAYERS},
+            )  # fmt: skip
+            caches = None if cache is None else {f"block_{j}": cache[f"block_{j}"] for j in range(len(cfg.layer_pattern))}
+            period = scanned(cfg, self.param_dtype, self.quant, self.remat, self.kernels, fresh_cache, name=LAYERS)
+            x, caches = period(x, caches, positions, segment_ids)
+            if cache is not None:
+                new_cache.update(caches)
+        for i, kind in enumerate(cfg.layer_kinds[first:], first):
             name = f"layer_{i}"
             x, layer_cache = rematerialized(Block, self.remat, 5)(cfg, kind, self.param_dtype, self.quant, self.kernels, name=name)(
                 x, positions, segment_ids, None if cache is None else cache[name], fresh_cache

@@ -1,5 +1,7 @@
 """Gemma 3n (text): AltUp streams, per-layer inputs, LAuReL, KV sharing and activation sparsity
-(see model.py). `FAMILY` is everything the rest of gemma_jax knows about it."""
+(see model.py). `FAMILY` is everything the rest of gemma_jax knows about it. It does not scan its
+layers (no `scanned_layers`: shapes vary per layer and later layers share earlier layers' KV), so a
+runtime asked to scan runs it unrolled."""
 
 from gemma_jax.models.family import Family
 from gemma_jax.models.gemma3n import gguf_meta
