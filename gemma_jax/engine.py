@@ -95,8 +95,6 @@ class Engine:
     ):
         if max_len > model.config.max_position:
             raise ValueError(f"max_len {max_len} exceeds the model context {model.config.max_position}")
-        if model.runtime.scan:  # its pages are per layer; a scanned model's cache is stacked (models/family.py)
-            raise ValueError("the paged engine runs unrolled models: load the model with scan=False")
         kv_tokens = slots * max_len if kv_tokens is None else kv_tokens
         if not isinstance(page_size, int) or page_size < 1:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
@@ -109,7 +107,7 @@ class Engine:
         self.stop_ids = sampling_args(temperature, top_p, stop_ids)["stop_ids"]
         self.static = dict(runtime=model.runtime, sampler=sampler)
         dense = jax.eval_shape(lambda: model.runtime.init_cache(1, max_len))
-        self.widths = {name: table_width(layer["k"].shape[2], max_len, page_size) for name, layer in dense.items()}
+        self.widths = {name: table_width(layer["k"].shape[-2], max_len, page_size) for name, layer in dense.items()}
         self.capacity = {w: pool_pages(w, max_len, page_size, kv_tokens, self.slots) for w in set(self.widths.values())}
         self.reset()
 
@@ -187,7 +185,8 @@ class Engine:
         if not self._tables_changed:
             return
         self._tables_changed = False
-        cache = {name: layer | {"pages": self.tables[self.widths[name]]} for name, layer in self.state.cache.items()}
+        cache = {name: layer | {"pages": np.broadcast_to(self.tables[self.widths[name]], layer["pages"].shape)}
+                 for name, layer in self.state.cache.items()}  # fmt: skip  (a scanned model's stacked layers: a copy each)
         self.state = _pin_state(self.state._replace(cache=cache), runtime=self.model.runtime)
 
     def step(self) -> list[Output]:
@@ -298,12 +297,19 @@ def _insert(state: DecodeState, new: DecodeState, slots: jax.Array, runtime: Run
     fields = jax.tree.map(rows, state._replace(cache=None), new._replace(cache=None))
     cache = {}
     for name, layer in state.cache.items():
-        dense = new.cache[name]
-        table = layer["pages"].at[slots].get(mode="fill", fill_value=0)  # padding rows: the null page
-        kv = jnp.stack([dense["k"].swapaxes(1, 2), dense["v"].transpose(0, 3, 1, 2)], axis=3)  # b S K 2 H
-        kv = kv.reshape(*kv.shape[:2], -1, kv.shape[-1])  # b S 2K H, heads interleaved
-        scale = None
-        if "k_scale" in dense:
-            scale = jnp.stack([dense["k_scale"], dense["v_scale"]], axis=-1).swapaxes(1, 2).reshape(*kv.shape[:3])
-        cache[name] = write_pages(layer, table, kv, scale, dense["pos"])
+        copy = _copy_into_pages
+        for _ in range(layer["kv"].ndim - 4):  # a scanned model's stacked layers
+            copy = jax.vmap(copy, in_axes=(0, 0, None))
+        cache[name] = copy(layer, new.cache[name], slots)
     return _pin(runtime, fields._replace(cache=cache))
+
+
+def _copy_into_pages(layer: dict, dense: dict, slots: jax.Array) -> dict:
+    """One layer: the dense prefill cache's entries (rows i) written into the pages of rows slots[i]."""
+    table = layer["pages"].at[slots].get(mode="fill", fill_value=0)  # padding rows: the null page
+    kv = jnp.stack([dense["k"].swapaxes(1, 2), dense["v"].transpose(0, 3, 1, 2)], axis=3)  # b S K 2 H
+    kv = kv.reshape(*kv.shape[:2], -1, kv.shape[-1])  # b S 2K H, heads interleaved
+    scale = None
+    if "k_scale" in dense:
+        scale = jnp.stack([dense["k_scale"], dense["v_scale"]], axis=-1).swapaxes(1, 2).reshape(*kv.shape[:3])
+    return write_pages(layer, table, kv, scale, dense["pos"])

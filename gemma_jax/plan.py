@@ -130,7 +130,7 @@ def _cache_bytes(
     cache = jax.eval_shape(lambda: family.init_cache(config, batch, seq if context is None else min(context, seq), dtype))
     if pages is not None and context is None:
         page, kv_tokens = pages
-        counts = {(w := table_width(layer["k"].shape[2], seq, page)): pool_pages(w, seq, page, kv_tokens, batch) for layer in cache.values()}
+        counts = {(w := table_width(layer["k"].shape[-2], seq, page)): pool_pages(w, seq, page, kv_tokens, batch) for layer in cache.values()}
         cache = jax.eval_shape(lambda: paged_cache(cache, seq, page, counts, batch, None))
     return sum(
         math.prod(local_shape(layout, family.cache_axes[kind], leaf.shape)) * np.dtype(leaf.dtype).itemsize

@@ -16,7 +16,7 @@ import gemma_jax
 from gemma_jax.checkpoint.hf import save_hf
 from gemma_jax.checkpoint.orbax import save_orbax
 from gemma_jax.checkpoint.source import params_source
-from gemma_jax.engine import Engine
+from gemma_jax.engine import Engine, Request
 from gemma_jax.models import family_of
 from gemma_jax.models.family import LAYERS
 from gemma_jax.sampling import Sampler
@@ -69,9 +69,15 @@ def test_scanned_logits_and_greedy_tokens_equal_unrolled(checkpoint):
     assert scanned.generate(PROMPTS, max_new_tokens=12) == unrolled.generate(PROMPTS, max_new_tokens=12)
 
 
-def test_the_paged_engine_refuses_a_scanned_model(gemma3):
-    with pytest.raises(ValueError, match="the paged engine runs unrolled models: load the model with scan=False"):
-        Engine(gemma_jax.load(gemma3[0], dtype="float32", scan=True), slots=2, max_len=32, sampler=Sampler())
+def test_the_paged_engine_runs_a_scanned_model_as_unrolled(gemma3):
+    """The engine's pools and tables stack like the scanned cache: the same greedy tokens, rings wrapping."""
+    out = {}
+    for scan in (False, True):
+        model = gemma_jax.load(gemma3[0], dtype="float32", scan=scan)
+        prompts = np.random.RandomState(0).randint(3, model.config.vocab_size, (3, 9)).tolist()
+        engine = Engine(model, slots=2, max_len=32, sampler=Sampler.create(0.0, None, None), page_size=4)
+        out[scan] = {f.id: f.tokens for f in engine.run([Request(f"r{i}", p, 12) for i, p in enumerate(prompts)])}
+    assert out[True] == out[False] and len(out[True]) == 3
 
 
 def test_scanned_int8_params_and_cache_equal_unrolled(gemma3):

@@ -62,15 +62,16 @@ def layer_cache(batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any
 def paged_cache(dense: Cache, max_len: int, page: int, pages: dict[int, int], rows: int, layout: Layout | None) -> Cache:
     """The paged counterpart of a family's (abstract) dense cache for `rows` sequences of up to `max_len` tokens:
     each layer's table is as wide as its dense slots need (`table_width`), and its pool holds `pages[width]`
-    pages (page 0, the null page, included)."""
+    pages (page 0, the null page, included). Stacked layers (a scanned model's) keep their leading axes."""
     out = {}
     for name, layer in dense.items():
-        B, K, S, H = layer["k"].shape
+        *lead, B, K, S, H = layer["k"].shape
         W = table_width(S, max_len, page)
-        kv = {"kv": jnp.zeros((pages[W], page, 2 * K, H), layer["k"].dtype), "pages": jnp.zeros((rows, W), jnp.int32)}
+        zeros = lambda *shape, dtype=jnp.float32: jnp.zeros((*lead, *shape), dtype)
+        kv = {"kv": zeros(pages[W], page, 2 * K, H, dtype=layer["k"].dtype), "pages": zeros(rows, W, dtype=jnp.int32)}
         if "k_scale" in layer:
-            kv["kv_scale"] = jnp.zeros((pages[W], page, 2 * K), jnp.float32)
-        out[name] = {key: constrain(x, CACHE_AXES[key], layout) for key, x in kv.items()}
+            kv["kv_scale"] = zeros(pages[W], page, 2 * K)
+        out[name] = {key: constrain(x, (None,) * len(lead) + CACHE_AXES[key], layout) for key, x in kv.items()}
     return out
 
 
