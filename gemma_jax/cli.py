@@ -103,7 +103,7 @@ def _add_kv_cache_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_scan_arg(parser: argparse.ArgumentParser) -> None:
-    """For the commands that run the model outside the paged engine (whose cache is per layer)."""
+    """For the commands that run a model (Gemma 1/2/3 scan; other families run unrolled)."""
     parser.add_argument("--scan", action="store_true",
                         help="run the layers as one scan: compile time independent of depth, same outputs "
                              "(on CPU each decode step is slower)")  # fmt: skip
@@ -406,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
     inf.add_argument("--batch-size", type=POSITIVE, default=8, help="decode slots")
     _add_paging_args(inf)
+    _add_scan_arg(inf)
     inf.add_argument("--max-new-tokens", type=POSITIVE, default=256)
     inf.add_argument("--temperature", type=TEMPERATURE, default=0.0)
     inf.add_argument("--top-p", type=TOP_P)
@@ -431,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-len", type=int, help="tokens per slot, prompt + completion (default: the context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=64, help="completions waiting for a slot before new requests get 429")
     _add_paging_args(srv)
+    _add_scan_arg(srv)
     srv.add_argument("--api-key", default=os.environ.get("GEMMA_JAX_API_KEY"),
                      help="require 'Authorization: Bearer KEY' on /v1 (default: $GEMMA_JAX_API_KEY)")  # fmt: skip
     srv.add_argument("--served-model-name", help="model id in /v1/models and responses (default: the --ckpt name)")
