@@ -252,3 +252,11 @@ def _health(port: int) -> int | None:
         return _raw(port, "GET", "/health")[0]
     except OSError:
         return None
+
+
+def test_warm_up_with_a_kv_budget_smaller_than_the_slots(model):
+    """8 slots over 4 pages of 16 tokens: warm-up admits what the pages hold and gives every page back."""
+    scheduler = build(model, slots=8, max_len=64, max_queue=4, page_size=16, kv_tokens=64)
+    scheduler.warm_up()
+    engine = scheduler.engine
+    assert engine.running == 0 and all(len(engine.free_pages[w]) == n - 1 for w, n in engine.capacity.items())

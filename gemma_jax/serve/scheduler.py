@@ -146,7 +146,8 @@ class Scheduler:
         rows = 1
         while True:
             count = min(rows, self.engine.slots)
-            self.engine.admit([Request(f"warm-up-{i}", [self.tokenizer.bos_id], 1, temperature=0.0) for i in range(count)])
+            requests = [Request(f"warm-up-{i}", [self.tokenizer.bos_id], 1, temperature=0.0) for i in range(count)]
+            self.engine.admit(requests[: self.engine.fit(requests)])  # a small KV budget may hold fewer
             while self.engine.running:
                 self.engine.step()
             if count == self.engine.slots:
