@@ -8,6 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight fake CPU devices for mesh tests; unsharded computations still run on device 0.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
+import gc
+
+import jax
 import pytest
 import torch
 import transformers
@@ -88,3 +91,13 @@ def tiny_tokenizer_model(vocab_size: int) -> bytes:
     trainer.pad_piece, trainer.eos_piece, trainer.bos_piece, trainer.unk_piece = (p for p, _ in specials)
     proto.normalizer_spec.name = "identity"
     return proto.SerializeToString()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop each test module's compiled programs when it ends. Every XLA:CPU executable holds memory mappings of
+    its JIT-ed code; the whole suite in one process compiles thousands and reached the kernel's vm.max_map_count
+    (65,530), after which XLA's compiler segfaulted on the next compile (three CI runs, ~475 tests in)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
