@@ -137,9 +137,8 @@ print(json.dumps(dict(losses=list(run.losses.values()), stacked="layers" in run.
 
 
 def _finetune_in_a_fresh_process(settings: dict) -> dict:
-    """`finetune(TrainConfig(**settings))` on 2 devices, run as its own process (the way `gemma-jax finetune` runs):
-    late in the full suite, XLA:CPU's compiler segfaults on this training program in the pytest process (twice, at the
-    same test after 474 others; never alone), so it is kept out of the suite's process."""
+    """`finetune(TrainConfig(**settings))` on 2 devices, run as its own process, the way `gemma-jax finetune` runs
+    (it also keeps two large training programs' JIT-ed code out of the suite's process: see conftest.py)."""
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     done = subprocess.run([sys.executable, "-c", _FINETUNE, json.dumps(settings)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
