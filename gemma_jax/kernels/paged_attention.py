@@ -23,6 +23,7 @@ from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_
 from jax.sharding import PartitionSpec as P
 
 from gemma_jax.kernels.backend import Kernels
+from gemma_jax.models.kv_cache import first_visible_page
 
 Array = jax.Array
 
@@ -38,7 +39,7 @@ def paged_decode_attention(
     """q [B K G H] (scaled) at `position` [B], already written to `cache` -> [B K G H]."""
     pool, table = cache["kv"], cache["pages"]
     page, W = pool.shape[1], table.shape[1]
-    first = jnp.zeros_like(position) if window is None else jnp.maximum(position - window + 1, 0) // page
+    first = first_visible_page(position, window, page)
     rotated = jnp.take_along_axis(table, (first[:, None] + jnp.arange(W)) % W, axis=1)  # B W, oldest visible first
     lengths = position + 1 - first * page
 

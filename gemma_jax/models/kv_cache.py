@@ -178,13 +178,18 @@ def blocks(cache: LayerCache, position: Array, window: int | None, dtype: Any) -
     return -(-filled // size), read
 
 
+def first_visible_page(position: Array, window: int | None, page: int) -> Array:
+    """[B] the block (counted from the sequence's start) holding each row's oldest key visible from `position`."""
+    return jnp.zeros_like(position) if window is None else jnp.maximum(position - window + 1, 0) // page
+
+
 def _page_blocks(cache: LayerCache, position: Array, window: int | None, dtype: Any) -> tuple[Array, Callable[[Array], Block]]:
     """`blocks` of a paged cache: each row reads its table from the block holding its oldest visible key,
     `DECODE_BLOCK // page` pages at a time (the same few ring pages of a sliding-window layer)."""
     pool, table = cache["kv"], cache["pages"]
     page, W = pool.shape[1], table.shape[1]
     per_block = max(1, min(W, DECODE_BLOCK // page))
-    first = jnp.zeros_like(position) if window is None else jnp.maximum(position - window + 1, 0) // page  # B
+    first = first_visible_page(position, window, page)  # B
     pages_needed = jnp.max(position // page - first) + 1
 
     def read(r: Array) -> Block:
