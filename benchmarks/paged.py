@@ -62,10 +62,10 @@ def concurrency(model, requests: list[Request], *, slots: int, max_len: int, kv_
     queue = list(requests)
     while queue or engine.running:
         admitted = engine.fit(queue)
-        engine.admit(queue[:admitted])
+        outputs = engine.admit(queue[:admitted])
         del queue[:admitted]
         most = max(most, engine.running)
-        for o in engine.step():
+        for o in outputs + (engine.step() if engine.running else []):
             out.setdefault(o.request.id, []).extend(o.tokens)
     return most, out
 

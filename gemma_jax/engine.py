@@ -68,6 +68,7 @@ class Output:
     """What one step produced for one active request."""
 
     request: Request
+    slot: int
     tokens: list[int]  # new tokens (stop token excluded)
     finish_reason: str | None  # "stop" / "length" when the request finished in this step (its slot is free)
 
@@ -148,8 +149,9 @@ class Engine:
             free = {w: free[w] - need[w] for w in free}
         return len(requests)
 
-    def admit(self, requests: list[Request]) -> list[int]:
-        """Prefill `requests` into the lowest free slots, with their pages; returns their slots."""
+    def admit(self, requests: list[Request]) -> list[Output]:
+        """Prefill `requests` into the lowest free slots, with their pages; returns each one's first token
+        (the prefill samples it), in order. A request that ends there (a stop token, one new token) leaves its slot."""
         if self.fit(requests) < len(requests):
             raise ValueError(f"{len(requests)} requests do not fit {len(self.free_slots())} free slots and the free pages")
         if not requests:
@@ -160,17 +162,32 @@ class Engine:
                 self.tables[w][slot, :n], self.free_pages[w] = self.free_pages[w][:n], self.free_pages[w][n:]
         self._tables_changed = True
         self._push_tables()
-        for group in _prefill_groups(requests):
-            new = self._prefill([requests[i] for i in group])
-            targets = np.full(bucket(len(group), 1), self.slots, np.int32)  # padding rows: dropped
-            targets[: len(group)] = [slots[i] for i in group]
-            self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
         for slot, request in zip(slots, requests):
             self.active[slot], self.limits[slot] = request, request.max_new_tokens
         fresh = self._settings(requests, len(requests))
         for name, values in self.settings.items():
             values[slots] = fresh[name][: len(requests)]
-        return slots
+        firsts = [[]] * len(requests)
+        for group in _prefill_groups(requests):
+            new, out = self._prefill([requests[i] for i in group])
+            targets = np.full(bucket(len(group), 1), self.slots, np.int32)  # padding rows: dropped
+            targets[: len(group)] = [slots[i] for i in group]
+            self.state = _insert(self.state, new, targets, runtime=self.model.runtime)
+            out = to_host(out)
+            for row, i in enumerate(group):
+                firsts[i] = out[row]
+        return self._outputs(slots, firsts)
+
+    def _outputs(self, slots: list[int], tokens: list[np.ndarray]) -> list[Output]:
+        """What `slots` emitted (`tokens` each, -1: nothing); the requests that finished leave their slots."""
+        done, stopped = to_host(self.state.done), to_host(self.state.stopped)
+        outputs = []
+        for slot, emitted in zip(slots, tokens):
+            reason = ("stop" if stopped[slot] else "length") if done[slot] else None
+            outputs.append(Output(self.active[slot], slot, [t for t in emitted.tolist() if t >= 0], reason))
+            if reason is not None:
+                self.release(slot)
+        return outputs
 
     def release(self, slot: int) -> None:
         """Free a slot and its pages now (the request ended, was cancelled or stopped by the host)."""
@@ -195,16 +212,9 @@ class Engine:
         self._push_tables()  # released slots write to the null page from now on
         self.state, out = _decode(self.model.params, self.state, self.limits, np.zeros(self.slots, bool), sampling,
                                   out_len=self.chunk, **self.static)  # fmt: skip
-        out, done, stopped = to_host(out), to_host(self.state.done), to_host(self.state.stopped)
-        outputs = []
-        for slot, request in enumerate(self.active):
-            if request is None:
-                continue
-            reason = ("stop" if stopped[slot] else "length") if done[slot] else None
-            outputs.append(Output(request, [t for t in out[slot].tolist() if t >= 0], reason))
-            if reason is not None:
-                self.release(slot)
-        return outputs
+        out = to_host(out)
+        active = [slot for slot, request in enumerate(self.active) if request is not None]
+        return self._outputs(active, [out[slot] for slot in active])
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Serve `requests` in order of arrival; yields each one as it finishes."""
@@ -213,11 +223,11 @@ class Engine:
         while True:
             waiting.extend(_take(queue, max(0, len(self.free_slots()) - len(waiting))))
             admitted = self.fit(waiting)
-            self.admit(waiting[:admitted])
+            outputs = self.admit(waiting[:admitted])
             del waiting[:admitted]
-            if not self.running:
+            if not outputs and not self.running:
                 return
-            for out in self.step():
+            for out in outputs + (self.step() if self.running else []):
                 tokens = emitted.setdefault(out.request.id, [])
                 tokens.extend(out.tokens)
                 if out.finish_reason is not None:
@@ -234,8 +244,8 @@ class Engine:
             top_k=np.array([0 if r is None else r.top_k for r in requests], np.int32),
         )
 
-    def _prefill(self, requests: list[Request]) -> DecodeState:
-        """Prefill `requests` as one bucketed batch into a dense cache of their length."""
+    def _prefill(self, requests: list[Request]) -> tuple[DecodeState, jax.Array]:
+        """Prefill `requests` as one bucketed batch into a dense cache of their length (and their first tokens)."""
         rows = bucket(len(requests), 1)
         length = min(bucket(max(len(r.prompt) for r in requests)), self.max_len)
         tokens = np.zeros((rows, length), np.int32)

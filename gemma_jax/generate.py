@@ -2,7 +2,8 @@
 
 Two `jax.jit` programs per shape bucket (batch, prompt length, new tokens, sampler): `_prefill`
 fills the KV cache and samples each row's first token; `_decode` runs a `lax.while_loop` of
-decode steps. Nothing retraces per token. Prompts are right-padded and each row keeps its own
+decode steps. Each row's first token is emitted by the prefill itself, so a stream shows it
+before the decode program even runs (time to first token = one prefill). Nothing retraces per token. Prompts are right-padded and each row keeps its own
 positions, step counter and PRNG stream, so a row's tokens do not depend on the rest of the
 batch.
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_jax.compile_cache import cached_program
 from gemma_jax.models import Config, family_of
 from gemma_jax.runtime import Runtime
 from gemma_jax.sampling import Sampler, check_seed
@@ -34,12 +36,15 @@ _MAX_STOP_IDS = 8
 
 class DecodeState(NamedTuple):
     cache: dict  # the family's KV cache (see models.init_cache)
-    token: jax.Array  # [B] sampled, not yet emitted
+    token: jax.Array  # [B] the last token emitted (or the stop token that ended the row), not yet in the cache
     position: jax.Array  # [B] position of `token`
     count: jax.Array  # [B] tokens emitted so far
     done: jax.Array  # [B] finished: stop token, host stop, or length limit
     stopped: jax.Array  # [B] finished by a stop token or the host (not by length)
     keys: jax.Array  # [B, 2] per-row PRNG keys
+
+
+jax.export.register_namedtuple_serialization(DecodeState, serialized_name="gemma_jax.DecodeState")  # kept programs
 
 
 @dataclasses.dataclass
@@ -116,16 +121,16 @@ def generate(
     sampling = sampling_args(temperature, top_p, stop_ids)
     static = dict(runtime=runtime, sampler=sampler)
 
-    state = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
+    state, out = _prefill(params, tokens, lengths, keys, limits, sampling, cache_len=length + new, **static)
     outputs, host_stop = [], np.zeros(batch, bool)
     while True:
-        state, out = _decode(params, state, limits, host_stop, sampling, out_len=new if on_tokens is None else chunk, **static)
         out = to_host(out)
         outputs.append(out)
         if on_tokens is not None:
             host_stop[: len(prompts)] |= np.asarray(on_tokens(out[: len(prompts)]), bool)
-        if on_tokens is None or np.all(to_host(state.done) | host_stop):
+        if np.all(to_host(state.done) | host_stop) or (on_tokens is None and len(outputs) == 2):
             break
+        state, out = _decode(params, state, limits, host_stop, sampling, out_len=new if on_tokens is None else chunk, **static)
     out, stopped = np.concatenate(outputs, axis=1), to_host(state.stopped) | host_stop
     rows = range(len(prompts))
     return Generation([out[r][out[r] >= 0].tolist() for r in rows], ["stop" if stopped[r] else "length" for r in rows])
@@ -139,9 +144,21 @@ def _sample(runtime: Runtime, sampler: Sampler, logits, keys, count, sampling) -
     return sampler(logits, step_keys, sampling, blockwise=runtime.kernels.cpu_unsharded)
 
 
+def _emit(state: DecodeState, out: jax.Array, i, limits, stop_ids) -> tuple[DecodeState, jax.Array]:
+    """Column i of `out` gets each live row's sampled token (-1: none); a stop token or the length limit ends the row."""
+    is_stop = jnp.isin(state.token, stop_ids)
+    emitted = ~state.done & ~is_stop
+    out = out.at[:, i].set(jnp.where(emitted, state.token, -1))
+    count = state.count + emitted
+    stopped = state.stopped | (~state.done & is_stop)
+    return state._replace(count=count, stopped=stopped, done=state.done | is_stop | (count >= limits)), out
+
+
+@cached_program
 @functools.partial(jax.jit, static_argnames=_STATIC + ("cache_len",))
-def _prefill(params, tokens, lengths, keys, limits, sampling, *, runtime: Runtime, sampler, cache_len) -> DecodeState:
-    """Run the prompts through the model, filling a fresh cache, and sample each row's first token."""
+def _prefill(params, tokens, lengths, keys, limits, sampling, *, runtime: Runtime, sampler, cache_len) -> tuple[DecodeState, jax.Array]:
+    """Run the prompts through the model, filling a fresh cache, and sample and emit each row's first token.
+    Returns (state, tokens [B 1])."""
     batch, length = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
@@ -149,7 +166,9 @@ def _prefill(params, tokens, lengths, keys, limits, sampling, *, runtime: Runtim
     logits, cache = runtime.model().apply({"params": params}, tokens, positions, segments, cache, lengths - 1, fresh_cache=True)
     count = jnp.zeros(batch, jnp.int32)
     token = _sample(runtime, sampler, logits, keys, count, sampling)
-    return _pin(runtime, DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys))
+    state = DecodeState(cache, token, lengths, count, limits <= 0, jnp.zeros(batch, bool), keys)
+    state, out = _emit(state, jnp.full((batch, 1), -1, jnp.int32), 0, limits, sampling["stop_ids"])
+    return _pin(runtime, state), runtime.constrain(out, (None, None))
 
 
 def _pin(runtime: Runtime, state: DecodeState) -> DecodeState:
@@ -165,18 +184,11 @@ def _pin(runtime: Runtime, state: DecodeState) -> DecodeState:
                        constrain(state.done, (None,)), constrain(state.stopped, (None,)), rows(state.keys))  # fmt: skip
 
 
+@functools.partial(cached_program, donate_argnums=(1,))
 @functools.partial(jax.jit, static_argnames=_STATIC + ("out_len",), donate_argnames=("state",))
 def _decode(params, state: DecodeState, limits, host_stop, sampling, *, runtime: Runtime, sampler, out_len):
-    """Emit tokens and decode until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
+    """Decode and emit tokens until every row is done or `out_len` steps ran. Returns (state, tokens [B out_len])."""
     model = runtime.model()
-
-    def emit(state: DecodeState, out, i):
-        is_stop = jnp.isin(state.token, sampling["stop_ids"])
-        emitted = ~state.done & ~is_stop
-        out = out.at[:, i].set(jnp.where(emitted, state.token, -1))
-        count = state.count + emitted
-        stopped = state.stopped | (~state.done & is_stop)
-        return state._replace(count=count, stopped=stopped, done=state.done | is_stop | (count >= limits)), out
 
     def advance(state: DecodeState) -> DecodeState:
         ones = jnp.ones_like(state.token)[:, None]
@@ -187,15 +199,12 @@ def _decode(params, state: DecodeState, limits, host_stop, sampling, *, runtime:
 
     def body(carry):
         i, state, out = carry
-        state, out = emit(advance(state), out, i)
+        state, out = _emit(advance(state), out, i, limits, sampling["stop_ids"])
         return i + 1, state, out
 
     stopped = state.stopped | (host_stop & ~state.done)
     state = state._replace(done=state.done | host_stop, stopped=stopped)
-    state, out = emit(state, jnp.full((state.token.shape[0], out_len), -1, jnp.int32), 0)
-    # emit, then advance only while some row is live. No `cond` inside the loop: one there makes
-    # XLA copy the whole KV cache every step; the one after the loop copies it once per call.
+    # Advance only while some row is live (no `cond` inside the loop: one there makes XLA copy the whole KV cache every step).
     cond = lambda carry: (carry[0] < out_len) & ~jnp.all(carry[1].done)
-    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(1), state, out))
-    state = jax.lax.cond(jnp.all(state.done), lambda s: s, advance, state)
+    _, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, jnp.full((state.token.shape[0], out_len), -1, jnp.int32)))
     return _pin(runtime, state), runtime.constrain(out, (None, None))  # replicated: every host reads all

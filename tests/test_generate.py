@@ -105,13 +105,31 @@ def test_stop_string_cuts_tokens_and_stream_with_the_text(tiny, text_checkpoint)
     model = gemma_jax.load(text_checkpoint[1], dtype="float32")  # its greedy text varies
     decode = model.tokenizer.decode
     free = model.complete(["The license"], max_new_tokens=24)[0]
-    edge = len(decode(free.tokens[:8]))  # where the first 8-token decode chunk ends
+    edge = len(decode(free.tokens[:9]))  # where the prefill's token and the first 8-token decode chunk end
     for stop, start in [(free.text[edge : edge + 2], edge), (free.text[edge - 1 : edge + 1], edge - 1)]:
         assert free.text.find(stop) == start  # on a token boundary, then across one (and across chunks)
         streamed: list[str] = []
         [cut] = model.complete(["The license"], max_new_tokens=24, stop=[stop], stream=lambda _, text: streamed.append(text))
         assert cut.finish_reason == "stop" and cut.text == free.text[:start] == "".join(streamed)
-        assert cut.tokens == free.tokens[:8]  # the tokens that made the text (+ the stop's start, across a token)
+        assert cut.tokens == free.tokens[:9]  # the tokens that made the text (+ the stop's start, across a token)
+
+
+def test_the_first_token_is_emitted_by_the_prefill(gemma2, monkeypatch):
+    """A stream sees each row's first token before any decode step runs (time to first token = one prefill),
+    and a single new token needs no decode program at all."""
+    _, ours = gemma2
+    prompts, calls = [[2, 17, 33, 5], [2, 9]], []
+    free = gen.generate(ours.config, ours.params, prompts, max_new_tokens=12, sampler=Sampler())
+    decode = gen._decode
+    monkeypatch.setattr(gen, "_decode", lambda *a, **k: (calls.append("decode"), decode(*a, **k))[1])
+    seen = lambda out: (calls.append(out[:, 0].tolist() if out.shape[1] == 1 else "chunk"), [False] * len(out))[1]
+    streamed = gen.generate(ours.config, ours.params, prompts, max_new_tokens=12, sampler=Sampler(), on_tokens=seen)
+    assert streamed.tokens == free.tokens
+    assert calls[:2] == [[t[0] for t in free.tokens], "decode"]
+    calls.clear()
+    one = gen.generate(ours.config, ours.params, prompts, max_new_tokens=1, sampler=Sampler(), on_tokens=seen)
+    assert one.tokens == [t[:1] for t in free.tokens] and one.finish_reasons == ["length"] * 2
+    assert calls == [[t[0] for t in free.tokens]]
 
 
 def test_chat_prompt_uses_the_template(tiny):

@@ -144,6 +144,24 @@ def test_admission_is_by_free_pages_and_pages_return_when_requests_end():
         Engine(model, slots=2, max_len=64, sampler=GREEDY, kv_tokens=32)
 
 
+def test_admission_returns_first_tokens_and_a_request_can_end_there():
+    """The prefill samples each request's first token, so `admit` hands it over before any decode step; a request
+    of one new token ends at admission and its slot and pages are free at once."""
+    model = _model(GEMMA)
+    prompts = _prompts(GEMMA, [10, 7])
+    want = [generate(model.config, model.params, [p], max_new_tokens=3, sampler=GREEDY, runtime=model.runtime).tokens[0]
+            for p in prompts]  # fmt: skip
+    engine = Engine(model, slots=2, max_len=32, sampler=GREEDY, page_size=8)
+    free = {w: len(pages) for w, pages in engine.free_pages.items()}
+    first = engine.admit([Request("one", prompts[0], 1), Request("three", prompts[1], 3)])
+    assert [(o.request.id, o.slot, o.tokens, o.finish_reason) for o in first] == [("one", 0, want[0][:1], "length"),
+                                                                              ("three", 1, want[1][:1], None)]  # fmt: skip
+    assert engine.free_slots() == [0] and engine.running == 1
+    rest = engine.step()
+    assert [(o.request.id, o.tokens, o.finish_reason) for o in rest] == [("three", want[1][1:], "length")]
+    assert {w: len(pages) for w, pages in engine.free_pages.items()} == free
+
+
 def test_decode_reads_only_the_blocks_rows_filled(monkeypatch):
     """The decode step's loop runs over filled blocks only: a cache 16 times larger costs no more blocks."""
     monkeypatch.setattr("gemma_jax.models.kv_cache.DECODE_BLOCK", 8)

@@ -171,7 +171,7 @@ class Scheduler:
         try:
             while True:
                 plan = self._share(self._next_plan())
-                self._apply(plan)
+                self._deliver(self._apply(plan))
                 if plan.closing:
                     return
                 if self.engine.running:
@@ -221,12 +221,15 @@ class Scheduler:
             self._running[job.request.id] = job
         return Plan([j.slot for j in gone], [j.request for j in admitted])
 
-    def _apply(self, plan: Plan) -> None:
+    def _apply(self, plan: Plan) -> list[Output]:
+        """Release and admit as planned; returns the admitted requests' first tokens (their prefill sampled them)."""
         for slot in plan.release:
             self.engine.release(slot)
-        for slot, request in zip(self.engine.admit(plan.admit), plan.admit):
-            if request.id in self._running:
-                self._running[request.id].slot = slot
+        outputs = self.engine.admit(plan.admit)
+        for out in outputs:
+            if out.request.id in self._running:
+                self._running[out.request.id].slot = out.slot
+        return outputs
 
     def _deliver(self, outputs: list[Output]) -> None:
         now, total = time.perf_counter(), 0
