@@ -16,6 +16,7 @@ from gemma_jax.models import build, init_cache, init_params
 from gemma_jax.models.attention import attention_mask, decode_attention
 from gemma_jax.models.kv_cache import layer_cache, paged_cache, table_width, write_cache
 from gemma_jax.sampling import Sampler
+from gemma_jax.sharding import INFERENCE, Layout, make_mesh
 
 from test_kv_cache import GEMMA, GEMMA3N
 
@@ -67,8 +68,8 @@ def test_decode_attention_over_filled_blocks_equals_the_dense_softmax(window, pa
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def _paged_layer(window, B=2, K=2, H=128, max_len=96, page=8, position=(70, 9)):
-    """A paged layer cache holding positions 0..position[b] of random keys/values, and queries [B K 2 H]."""
+def _paged_layer(window, B=2, K=2, H=128, max_len=96, page=8, position=(70, 9), dtype=jnp.float32):
+    """A paged layer cache (float32 or int8) holding positions 0..position[b] of random keys/values, and queries [B K 2 H]."""
     rng = np.random.RandomState(0)
     k, v = (jnp.asarray(rng.randn(B, max_len, K, H).astype(np.float32)) for _ in range(2))
     q = jnp.asarray(rng.randn(B, K, 2, H).astype(np.float32))
@@ -76,7 +77,7 @@ def _paged_layer(window, B=2, K=2, H=128, max_len=96, page=8, position=(70, 9)):
     k_pos = jnp.where(jnp.arange(max_len) <= position[:, None], jnp.arange(max_len), -1)
     slots = max_len if window is None else window
     W = table_width(slots, max_len, page)
-    cache = paged_cache({"l": layer_cache(B, slots, K, H, jnp.float32, None)}, max_len, page, {W: 1 + B * W}, B, None)["l"]
+    cache = paged_cache({"l": layer_cache(B, slots, K, H, dtype, None)}, max_len, page, {W: 1 + B * W}, B, None)["l"]
     cache["pages"] = jnp.asarray(1 + np.arange(B * W)[::-1].reshape(B, W))
     return q, write_cache(cache, k, v, k_pos), position
 
@@ -109,12 +110,44 @@ def test_ragged_paged_attention_kernel_lowers_for_tpu():
     assert "tpu_custom_call" in exported.mlir_module()
 
 
-@pytest.mark.parametrize("config", [GEMMA, GEMMA3N], ids=["gemma2", "gemma3n"])
-@pytest.mark.parametrize("kv_cache", ["float", "int8"])
-def test_engine_on_pages_emits_what_generate_emits(config, kv_cache):
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int8], ids=["float", "int8"])
+@pytest.mark.parametrize("mesh", [None, "data=2,tensor=4"])
+def test_gpu_paged_decode_kernel_equals_the_xla_path(window, dtype, mesh):
+    """Our Pallas GPU kernel (interpret mode: a program per row and KV head, pages loaded by table id from the
+    interleaved pool, ring tables rotated, soft-cap, window, int8 scales; on a mesh, per shard of rows and
+    heads) equals the XLA block path."""
+    q, cache, position = _paged_layer(window, dtype=dtype, position=(70, 9, 40, 95), B=4, K=4)
+    layout = None if mesh is None else Layout(make_mesh(mesh), INFERENCE)
+    xla = decode_attention(q, cache, position, window, 30.0, Kernels())
+    step = jax.jit(lambda q, cache, position: decode_attention(q, cache, position, window, 30.0,
+                                                               Kernels(layout=layout, attention="gpu", interpret=True)))  # fmt: skip
+    np.testing.assert_allclose(step(q, cache, position), xla, rtol=2e-5, atol=2e-5)
+
+
+def test_gpu_paged_decode_kernel_lowers_for_cuda():
+    """The decode step with the GPU kernel lowers to one Triton call per layer for CUDA (no GPU here to run it;
+    Triton calls carry no serialization guarantee, so export is told to accept this one)."""
+    q, cache, position = _paged_layer(24)
+    step = jax.jit(lambda q, cache, position: decode_attention(q, cache, position, 24, 30.0, Kernels(attention="gpu")))
+    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    module = jax.export.export(step, platforms=("cuda",), disabled_checks=triton)(q, cache, position).mlir_module()
+    assert module.count("__gpu$xla.gpu.triton") == 1 and "gemma_paged_decode_attention" in module
+
+
+ENGINE_CASES = [(GEMMA, "float", "xla"), (GEMMA, "int8", "xla"), (GEMMA3N, "float", "xla"), (GEMMA3N, "int8", "xla"),
+                (GEMMA, "float", "gpu"), (GEMMA3N, "int8", "gpu")]  # fmt: skip
+
+
+@pytest.mark.parametrize("config,kv_cache,attention", ENGINE_CASES,
+                         ids=[f"{c.model_type}-{kv}-{a}" for c, kv, a in ENGINE_CASES])  # fmt: skip
+def test_engine_on_pages_emits_what_generate_emits(config, kv_cache, attention, monkeypatch):
     """Greedy tokens of every request through the paged engine (3 slots, pages of 4, rings on the sliding-window
-    layers, prompts longer than the window) equal per-prompt `generate` on the dense cache."""
+    layers, prompts longer than the window; decode by XLA or by the GPU kernel in interpret mode) equal
+    per-prompt `generate` on the dense cache."""
+    monkeypatch.setenv("GEMMA_JAX_ATTENTION", attention)
     model = _model(config, kv_cache)
+    assert model.runtime.kernels.attention == attention
     prompts = _prompts(config, [3, 13, 7, 1, 17, 9])
     engine = Engine(model, slots=3, max_len=32, sampler=GREEDY, page_size=4)
     finished = {f.id: f.tokens for f in engine.run([Request(f"r{i}", p, 10) for i, p in enumerate(prompts)])}

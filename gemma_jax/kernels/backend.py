@@ -16,8 +16,10 @@ import jax
 from gemma_jax.sharding import Layout, constrain
 
 INT8_BACKENDS = ("xla", "tpu", "gpu")  # int8 matmuls: plain XLA, Mosaic (TPU), Triton (GPU)
-ATTENTION = ("xla", "splash")  # whole-sequence attention: dense XLA, or Pallas splash attention (TPU)
+# attention: XLA; "splash": Pallas on TPU (splash attention, ragged paged decode); "gpu": Pallas paged decode on GPU
+ATTENTION = ("xla", "splash", "gpu")
 INT8_ENV = "GEMMA_JAX_INT8_BACKEND"  # read once, when `for_platform` builds the value, never while tracing
+ATTENTION_ENV = "GEMMA_JAX_ATTENTION"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +48,13 @@ class Kernels:
         interpret: bool | None = None,
     ) -> Kernels:  # fmt: skip
         """The defaults for the first device: Mosaic int8 on TPU v5e and later and splash attention on TPU,
-        XLA elsewhere; `$GEMMA_JAX_INT8_BACKEND` overrides the int8 default. Arguments override both."""
+        XLA elsewhere; `$GEMMA_JAX_INT8_BACKEND` and `$GEMMA_JAX_ATTENTION` override them (the GPU paged
+        decode kernel is opt-in until timed on a GPU). Arguments override both."""
         device = jax.devices()[0]
         return cls(
             layout=layout,
             int8=int8 or os.environ.get(INT8_ENV) or platform_default(device.platform, device.device_kind),
-            attention=attention or ("splash" if device.platform == "tpu" else "xla"),
+            attention=attention or os.environ.get(ATTENTION_ENV) or ("splash" if device.platform == "tpu" else "xla"),
             interpret=device.platform == "cpu" if interpret is None else interpret,
         )
 
