@@ -44,7 +44,10 @@ class DecodeState(NamedTuple):
     keys: jax.Array  # [B, 2] per-row PRNG keys
 
 
-jax.export.register_namedtuple_serialization(DecodeState, serialized_name="gemma_jax.DecodeState")  # kept programs
+try:  # kept programs (compile_cache) hold DecodeState trees
+    jax.export.register_namedtuple_serialization(DecodeState, serialized_name="gemma_jax.DecodeState")
+except ValueError:  # this module imported again in the same interpreter: its first class keeps the name
+    pass
 
 
 @dataclasses.dataclass
