@@ -102,15 +102,26 @@ def _params(config: Config, quant: str | None) -> tuple[tuple[tuple[str, ...], t
     return tuple((path, axes[path], tuple(shapes[path].shape), stored(path, shapes[path])) for path in sorted(axes))
 
 
-def device_param_bytes(config: Config, layout: Layout, dtype: np.dtype, quant: str | None, skip=()) -> tuple[int, int]:
+def device_param_bytes(
+    config: Config, layout: Layout, dtype: np.dtype, quant: str | None, skip=(), multiplied: bool = False
+) -> tuple[int, int]:  # fmt: skip
     """(bytes, weight elements) per device, for the tree `gemma_jax.quant` makes: with `quant`, every projection
-    and the tied embedding is int8 with f32 scales per output channel (per row for the embedding)."""
+    and the tied embedding is int8 with f32 scales per output channel (per row for the embedding). `multiplied`:
+    only the weights a forward step multiplies, without the tables it only gathers rows from (`Param.lookup`:
+    Gemma 3n's per-layer embedding, whose B rows a decode step reads are left out)."""
+    lookups = _lookup_paths(config) if multiplied else ()
     total = elements = 0
     for path, axes, shape, stored in _params(config, quant):
+        if any(path[: len(table)] == table for table in lookups):
+            continue
         n = math.prod(local_shape(layout, axes, shape, skip))
         total += n * np.dtype(stored or dtype).itemsize
         elements += 0 if stored == np.float32 else n  # scales are not multiplied
     return total, elements
+
+
+def _lookup_paths(config: Config) -> tuple[tuple[str, ...], ...]:
+    return tuple(spec.path for spec in family_of(config).tensor_specs(config).values() if spec.param.lookup)
 
 
 def _slots(config: Config, kind: str, n: int) -> int:
@@ -202,7 +213,7 @@ def plan(
     peak = hw.int8 if quant == "w8a8" else hw.bf16
 
     params, _ = device_param_bytes(config, layout, pdtype, quant)
-    read, elements = device_param_bytes(config, layout, pdtype, quant, skip=GATHERED_AXES)  # weights as multiplied
+    read, elements = device_param_bytes(config, layout, pdtype, quant, skip=GATHERED_AXES, multiplied=True)  # weights as multiplied
     kv = np.dtype(np.int8) if kv_cache == "int8" else c  # the KV cache's dtype
     paging = None if kv_tokens is None else (page_size, kv_tokens)
     cache = _cache_bytes(config, layout, batch, seq, kv, pages=paging)
@@ -221,7 +232,8 @@ def plan(
         "collective (ICI/NVLink) costs, kernel efficiency and XLA's reserved HBM are ignored",
         f"largest parameter {'/'.join(largest[0])} {list(largest[2])}: {largest_bytes / GiB:.2f} GiB per device "
         f"(axes {', '.join(map(str, largest[1]))}, placed by the {rules} rules)",
-        f"decode reads the KV of filled blocks only, at avg context {context} (decode_context)",
+        f"decode reads the KV of filled blocks only, at avg context {context} (decode_context)"
+        + "".join(f"; of {'/'.join(t)} only the rows of the step's tokens" for t in _lookup_paths(config)),
         f"KV cache: {'dense, ' + str(seq) + ' slots per row' if kv_tokens is None else f'paged ({page_size}-token pages): {kv_tokens} tokens per global layer, pools split by heads only, {kv_tokens // max(context, 1)} rows of avg context'}",
         "prefill attention: splash kernel (no [T T] logits; masked blocks skipped)" if splash else
         "prefill attention: dense f32 logits over the prompt (S = T), windows masked not skipped",

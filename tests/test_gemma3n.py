@@ -25,6 +25,7 @@ from gemma_jax.models.family import ConfigError
 from gemma_jax.models.gemma3n import FAMILY, SCHEMA, Gemma3nConfig, Transformer, init_cache
 from gemma_jax.checkpoint.hf import params_from_hf, params_to_hf
 from gemma_jax.models.gemma3n.model import gaussian_top_k
+from gemma_jax.plan import CHIPS, plan
 from gemma_jax.quant import quantize_weight
 from gemma_jax.sampling import Sampler
 
@@ -384,6 +385,16 @@ def test_plan_sizes_the_real_e4b(capsys):
     main(["plan", "--model", "gemma3n-e4b", "--chip", "v5e", "--mesh", "tensor=4", "--batch", "8", "--seq", "4096"])
     out = capsys.readouterr().out
     assert "largest parameter per_layer_embedder/embedding [262144, 8960]" in out and "fits" in out
+
+
+def test_plan_decode_reads_rows_of_the_per_layer_table_not_all_of_it():
+    """A decode step gathers B rows of the per-layer embedding [262144, 8960] (1.09 GiB per device on tensor=4):
+    memory-bound at batch 1 and a short context, its speed is bandwidth over the other weights' bytes."""
+    e4b = plan(Gemma3nConfig.from_preset("gemma3n-e4b"), {"tensor": 4}, chip="v5e", batch=1, seq=128)
+    table = 262144 * 8960 * 2 // 4
+    assert e4b.decode_bound == "memory"
+    assert e4b.decode_tokens_per_s == pytest.approx(CHIPS["v5e"].bandwidth / (e4b.param_bytes - table), rel=0.01)
+    assert any("per_layer_embedder/embedding only the rows" in note for note in e4b.assumptions)
 
 
 # --- GGUF (llama.cpp's arch gemma3n): export, import, both ways bit-exact in f32 --------------------

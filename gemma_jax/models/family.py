@@ -61,6 +61,7 @@ class Param:
     # GGUF holds this row's "{i}" tensors as one, stacked on a new first axis in index order (llama.cpp's
     # AltUp projections): `gguf` then names that tensor and has no "{i}".
     gguf_stacked: bool = False
+    lookup: bool = False  # a table the model only gathers rows from (never multiplied whole): a decode step reads B rows
 
     def __post_init__(self) -> None:
         if len(self.axes) != len(self.shape.split()):

@@ -67,7 +67,7 @@ def _linear(
 SCHEMA: tuple[Param, ...] = (
     Param("embedder/embedding", "V D", ("vocab", "embed"), "model.embed_tokens.weight", "V D", "token_embd.weight", int8_in=1),
     Param("per_layer_embedder/embedding", "W E", ("vocab", "embed"), "model.embed_tokens_per_layer.weight", "W E",
-          "per_layer_token_embd.weight", int8_in=1),
+          "per_layer_token_embd.weight", int8_in=1, lookup=True),
     _linear("per_layer_proj/w", "E D", ("per_layer", "embed"), "model.per_layer_model_projection.weight", "E D",
             "per_layer_model_proj"),
     _norm("per_layer_proj_norm/scale", "model.per_layer_projection_norm.weight", "per_layer_proj_norm", "P"),
