@@ -3,11 +3,8 @@ layer pattern (with a remainder that does not fill a period), int8 and sharded; 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +21,8 @@ from gemma_jax.models import family_of
 from gemma_jax.models.family import LAYERS
 from gemma_jax.sampling import Sampler
 from gemma_jax.sharding import make_mesh
+from gemma_jax.train.config import TrainConfig
+from gemma_jax.train.run import finetune
 from gemma_jax.models.heads import SEQUENCE
 from test_gemma3n import CASES, make_hf_model as make_gemma3n  # same-directory test modules
 from test_heads import make_classifier
@@ -124,40 +123,20 @@ def test_stack_then_unstack_is_the_identity(gemma3):
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), back, unrolled.params)))
 
 
-_FINETUNE = """
-import json, sys
-import jax
-from gemma_jax.train.config import TrainConfig
-from gemma_jax.train.run import finetune
-settings = json.loads(sys.argv[1])
-cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-run = finetune(cfg, devices=jax.devices()[:2], progress=False)
-print(json.dumps(dict(losses=list(run.losses.values()), stacked="layers" in run.params, hf=str(run.export["hf"]))))
-"""
-
-
-def _finetune_in_a_fresh_process(settings: dict) -> dict:
-    """`finetune(TrainConfig(**settings))` on 2 devices, run as its own process, the way `gemma-jax finetune` runs
-    (it also keeps two large training programs' JIT-ed code out of the suite's process: see conftest.py)."""
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    done = subprocess.run([sys.executable, "-c", _FINETUNE, json.dumps(settings)], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_scanned_fine_tuning_equals_unrolled_and_exports_per_layer(text_checkpoint, tmp_path, lora_rank):
     """Two steps of full fine-tuning, or of LoRA (adapters stacked like the layers), with block remat on 2 devices:
     the same losses, and the exported checkpoint holds the same per-layer tensors."""
     corpus = tmp_path / "train.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["The quick brown fox jumps.", "Free software."] * 4))
-    cfg = dict(ckpt=str(text_checkpoint[1]), data=str(corpus), steps=2, seq_len=32, batch_size=4, grad_accum=2,
-               mesh="fsdp=2", remat="block", lora_rank=lora_rank, lora_targets=["q", "v", "down"], learning_rate=1e-2,
-               warmup_steps=0, export=["hf"], export_dtype="float32")  # fmt: skip
-    runs = {scan: _finetune_in_a_fresh_process(cfg | dict(scan=scan, out=str(tmp_path / f"scan={scan}"))) for scan in (False, True)}
-    assert runs[True]["stacked"] and not runs[False]["stacked"]
-    np.testing.assert_allclose(runs[True]["losses"], runs[False]["losses"], rtol=1e-5)
-    want, got = (load_file(Path(runs[scan]["hf"]) / "model.safetensors") for scan in (False, True))
+    cfg = TrainConfig(ckpt=str(text_checkpoint[1]), data=str(corpus), out="", steps=2, seq_len=32, batch_size=4,
+                      grad_accum=2, mesh="fsdp=2", remat="block", lora_rank=lora_rank, lora_targets=("q", "v", "down"),
+                      learning_rate=1e-2, warmup_steps=0, export=("hf",), export_dtype="float32")  # fmt: skip
+    runs = {scan: finetune(dataclasses.replace(cfg, scan=scan, out=str(tmp_path / f"scan={scan}")), devices=jax.devices()[:2],
+                           progress=False) for scan in (False, True)}  # fmt: skip
+    assert (LAYERS in runs[True].params) and LAYERS not in runs[False].params
+    np.testing.assert_allclose(list(runs[True].losses.values()), list(runs[False].losses.values()), rtol=1e-5)
+    want, got = (load_file(runs[scan].export["hf"] / "model.safetensors") for scan in (False, True))
     assert sorted(got) == sorted(want)
     for name in want:
         close(got[name], want[name])
