@@ -167,7 +167,7 @@ class Engine:
         fresh = self._settings(requests, len(requests))
         for name, values in self.settings.items():
             values[slots] = fresh[name][: len(requests)]
-        firsts = [[]] * len(requests)
+        firsts: list[np.ndarray] = [np.empty(0, np.int32)] * len(requests)  # each filled by its prefill group
         for group in _prefill_groups(requests):
             new, out = self._prefill([requests[i] for i in group])
             targets = np.full(bucket(len(group), 1), self.slots, np.int32)  # padding rows: dropped

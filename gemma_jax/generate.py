@@ -3,9 +3,9 @@
 Two `jax.jit` programs per shape bucket (batch, prompt length, new tokens, sampler): `_prefill`
 fills the KV cache and samples each row's first token; `_decode` runs a `lax.while_loop` of
 decode steps. Each row's first token is emitted by the prefill itself, so a stream shows it
-before the decode program even runs (time to first token = one prefill). Nothing retraces per token. Prompts are right-padded and each row keeps its own
-positions, step counter and PRNG stream, so a row's tokens do not depend on the rest of the
-batch.
+before the decode program even runs (time to first token = one prefill). Nothing retraces per
+token. Prompts are right-padded and each row keeps its own positions, step counter and PRNG
+stream, so a row's tokens do not depend on the rest of the batch.
 
 Without a host callback, one `_decode` call runs to the end. With one (streaming, stop
 strings), `_decode` runs in chunks of `chunk` steps and the host reads the new tokens between

@@ -319,9 +319,9 @@ class GGUFFileReader(gguf.GGUFReader):
         lengths_type = np.dtype(np.uint64).newbyteorder(order)
         parts: list[np.ndarray] = [raw_itype, length]
         for _ in range(count):
-            if offs + 8 > size or offs + 8 + unpack(data, offs)[0] > size:
+            end = offs + 8 + (unpack(data, offs)[0] if offs + 8 <= size else 0)
+            if end > size:
                 raise ValueError(f"the header reads a string at byte {offs}, past the end of the file ({size} bytes)")
-            end = offs + 8 + unpack(data, offs)[0]
             parts += (data[offs : offs + 8].view(lengths_type), data[offs + 8 : end])
             offs = end
         return offs - orig_offs, parts, list(range(3, len(parts), 2)), types
